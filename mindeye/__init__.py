@@ -1,0 +1,1 @@
+"""mindeye: the core every stage shares - model, CLIP embedder, NSD layout, GLM, wire protocol, metrics."""

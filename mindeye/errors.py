@@ -1,0 +1,26 @@
+"""Errors that name the file, what it should be, and what was found.
+
+Every reader in the core raises these, so a user who points the system at a wrong or
+incomplete dataset learns which file is at fault and why, instead of a bare KeyError.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MissingFileError(FileNotFoundError):
+    """A file the system needs is absent."""
+
+    def __init__(self, path: str | Path, what: str, hint: str = ""):
+        self.path = Path(path)
+        self.what = what
+        message = f"missing {what}: expected it at {self.path}"
+        super().__init__(message + (f" ({hint})" if hint else ""))
+
+
+class FormatError(ValueError):
+    """A file exists but its content is not what it should be (shape, dtype, TR, keys...)."""
+
+    def __init__(self, path: str | Path, what: str, expected: str, found: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {what} should be {expected}, found {found}")

@@ -1,0 +1,122 @@
+"""Model checkpoints: a folder with `model.safetensors` and `config.json`, loadable without training code.
+
+config.json holds the resolved MindEyeConfig, the format version, the weights file's sha256 and an
+optional `extra` mapping (e.g. the training run that made it). Training state (optimizer, scheduler,
+epoch) does not belong here; training code saves it beside. Weights are written before config.json,
+each through a temporary file, so a folder with a config.json holds a complete checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mindeye.errors import FormatError, MissingFileError
+from mindeye.models.config import MindEyeConfig
+from mindeye.models.mindeye2 import MindEye2
+
+FORMAT = "mindeye2-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_checkpoint(model: MindEye2, path_dir: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write the model's weights and resolved config into `path_dir` (created if needed); returns the folder."""
+    path_dir = Path(path_dir)
+    if model.aligner.voxels_per_subject != model.config.voxels_per_subject:
+        raise ValueError(f"model.config.voxels_per_subject {model.config.voxels_per_subject} does not match the "
+                         f"aligner's {model.aligner.voxels_per_subject}; add subjects with MindEye2.add_subject")
+    try:
+        extra_json = json.loads(json.dumps(extra or {}))
+    except TypeError as error:
+        raise TypeError(f"checkpoint `extra` must be JSON-serialisable: {error}") from error
+    path_dir.mkdir(parents=True, exist_ok=True)
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    _atomic_write(path_dir / WEIGHTS_FILE, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS_FILE,
+            "weights_sha256": sha256_file(path_dir / WEIGHTS_FILE), "config": model.config.to_dict(),
+            "extra": extra_json}
+    _atomic_write(path_dir / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return path_dir
+
+
+def read_checkpoint_config(path_dir: str | Path) -> tuple[MindEyeConfig, dict[str, Any]]:
+    """The checkpoint's MindEyeConfig and its full config.json content (hash, format version, extra)."""
+    config_path = Path(path_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise MissingFileError(config_path, "checkpoint config", "a checkpoint folder holds config.json and "
+                               f"{WEIGHTS_FILE}, written by save_checkpoint")
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise FormatError(config_path, "content", "JSON", f"invalid JSON ({error})") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(config_path, "format", repr(FORMAT), repr(found))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FormatError(config_path, "format_version", str(FORMAT_VERSION), repr(meta.get("format_version")))
+    try:
+        config = MindEyeConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise FormatError(config_path, "model config", "a valid MindEyeConfig", str(error)) from error
+    return config, meta
+
+
+def load_checkpoint(path_dir: str | Path, *, device: str | torch.device = "cpu", verify_hash: bool = True) -> MindEye2:
+    """The saved MindEye2, in eval mode, with the saved dtype; the weights must match the config exactly."""
+    path_dir = Path(path_dir)
+    config, meta = read_checkpoint_config(path_dir)
+    weights_path = path_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise MissingFileError(weights_path, "checkpoint weights", f"{CONFIG_FILE} is there but its weights are not")
+    if verify_hash and (found := sha256_file(weights_path)) != meta.get("weights_sha256"):
+        raise FormatError(weights_path, "sha256", f"{meta.get('weights_sha256')} (recorded in {CONFIG_FILE})",
+                          f"{found}: the file is truncated, modified or from another checkpoint")
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError) as error:
+        raise FormatError(weights_path, "content", "a safetensors file", f"unreadable ({error})") from error
+    with torch.device("meta"):  # shapes only; the loaded tensors become the parameters
+        model = MindEye2(config)
+    _check_state_matches(model, state, weights_path)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_state_matches(model: MindEye2, state: dict[str, torch.Tensor], weights_path: Path) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{name}: file {tuple(state[name].shape)}, config {shape}"
+             for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape]
+    if missing or unexpected or wrong:
+        problems = [f"missing {_listing(missing)}"] if missing else []
+        problems += [f"unexpected {_listing(unexpected)}"] if unexpected else []
+        problems += [f"wrong shapes {_listing(wrong)}"] if wrong else []
+        raise FormatError(weights_path, "weights", f"the tensors of the model in {CONFIG_FILE}", "; ".join(problems))
+
+
+def _listing(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... {len(items) - limit} more' if len(items) > limit else ''}]"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

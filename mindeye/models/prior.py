@@ -1,0 +1,201 @@
+"""Diffusion prior: backbone tokens -> CLIP image tokens, DALL-E 2 style.
+
+A non-causal transformer reads [brain tokens (n), timestep token (1), noisy image tokens (n)]
+and predicts the clean image tokens (x_start) from its last n outputs; 100-step cosine schedule
+(Nichol & Dhariwal); brain tokens are swapped for learned null tokens with probability
+`cond_drop_prob` in training, which enables classifier-free guidance when sampling.
+
+The layer layout is the official MindEye2 prior's (lucidrains' dalle2-pytorch `PriorNetwork`), so its
+weights import one to one: pre-norm blocks of multi-query attention (one key/value head shared by all
+query heads, plus a learned null key/value) with cosine-similarity logits x 16, rotary embeddings on
+the first `rotary_dim` features of each head and a T5-style relative position bias, then a SwiGLU
+feed-forward; LayerNorms without bias. The learned positional embedding is added to the noisy image
+tokens only: brain tokens are already position-specific (each comes from its own rows of the token
+linear) and the rotary embedding and relative bias give every token its place in the sequence.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mindeye.models.config import PriorConfig
+
+COSINE_SIM_SCALE = 16.0  # attention logits = 16 * cos(q, k): the official prior's temperature
+
+
+def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """alpha-bar_t for t = 0..T-1 (float64, CPU), cosine schedule with betas clipped at 0.999."""
+    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
+    f = torch.cos((x / timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(0, 0.999)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def rotary_cos_sin(n: int, rotary_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (n, rotary_dim); feature pairs (2i, 2i+1) share frequency i."""
+    freqs = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim)
+    angles_nr = (torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs).repeat_interleave(2, dim=-1)
+    return angles_nr.cos(), angles_nr.sin()
+
+
+def apply_rotary(x_bhnd: torch.Tensor, cos_nr: torch.Tensor, sin_nr: torch.Tensor) -> torch.Tensor:
+    """Rotate each feature pair (2i, 2i+1) of the first rotary_dim features by its position's angle."""
+    r = cos_nr.shape[-1]
+    x_rot, x_pass = x_bhnd[..., :r], x_bhnd[..., r:]
+    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+    x_swapped = torch.stack((-odd, even), dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
+    x_rot = x_rot * cos_nr.to(x_rot.dtype) + x_swapped * sin_nr.to(x_rot.dtype)
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+def relative_position_buckets(n_queries: int, n_keys: int, buckets: int, max_distance: int,
+                              device: torch.device) -> torch.Tensor:
+    """(n_queries, n_keys) bucket ids, as dalle2-pytorch computes them for its prior.
+
+    Key j sits at position j - 1 (key 0 is the null key), and only keys before the query are told
+    apart: distance = max(query - key_position, 0); exact below buckets/2, then log-spaced up to
+    max_distance. Keys at or after the query share bucket 0.
+    """
+    key_positions = torch.arange(n_keys, device=device)
+    query_positions = torch.arange(n_queries, device=device)
+    distance = (query_positions[:, None] - key_positions[None, :]).clamp(min=0)
+    exact = buckets // 2
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (buckets - exact)).long()).clamp(max=buckets - 1)
+    return torch.where(distance < exact, distance, far)
+
+
+class MaxScaledLayerNorm(nn.LayerNorm):
+    """LayerNorm of x / max(x) over features, the official prior's output norm: same result up to eps,
+    and the variance stays finite in fp16. (max, not |max|, as in the original.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x / x.amax(dim=-1, keepdim=True).detach())
+
+
+class PriorBlock(nn.Module):
+    """x + Attention(x); x + SwiGLU-FF(x). Shapes: (b, L, d) -> (b, L, d)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.attn_norm = nn.LayerNorm(dim, bias=False)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim_head, bias=False)  # one key/value head shared by all heads
+        self.null_kv = nn.Parameter(torch.randn(2, dim_head))  # a key/value every query may attend to
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.attn_out_norm = nn.LayerNorm(dim, bias=False)
+        self.ff_norm = nn.LayerNorm(dim, bias=False)
+        self.ff_in = nn.Linear(dim, 2 * ff_mult * dim, bias=False)  # value and gate
+        self.ff_out = nn.Linear(ff_mult * dim, dim, bias=False)
+
+    def forward(self, x_bld: torch.Tensor, bias_1hlm: torch.Tensor, cos_lr: torch.Tensor,
+                sin_lr: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x_bld.shape
+        h_bld = self.attn_norm(x_bld)
+        q_bhld = self.to_q(h_bld).unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
+        k_b1ld, v_b1ld = self.to_kv(h_bld).unsqueeze(1).chunk(2, dim=-1)
+        q_bhld, k_b1ld = apply_rotary(q_bhld, cos_lr, sin_lr), apply_rotary(k_b1ld, cos_lr, sin_lr)
+        null_k, null_v = self.null_kv.to(x_bld.dtype).unbind(0)  # (d_head,) each
+        k_b1md = torch.cat((null_k.expand(b, 1, 1, -1), k_b1ld), dim=2)  # m = L + 1 keys
+        v_b1md = torch.cat((null_v.expand(b, 1, 1, -1), v_b1ld), dim=2)
+        q_bhld, k_b1md = F.normalize(q_bhld, dim=-1), F.normalize(k_b1md, dim=-1)
+        heads = (b, self.heads, length + 1, self.dim_head)
+        out_bhld = F.scaled_dot_product_attention(q_bhld, k_b1md.expand(heads), v_b1md.expand(heads),
+                                                  attn_mask=bias_1hlm.to(q_bhld.dtype), scale=COSINE_SIM_SCALE)
+        x_bld = x_bld + self.attn_out_norm(self.to_out(out_bhld.transpose(1, 2).flatten(2)))
+        value, gate = self.ff_in(self.ff_norm(x_bld)).chunk(2, dim=-1)
+        return x_bld + self.ff_out(value * F.silu(gate))
+
+
+class DiffusionPrior(nn.Module):
+    """Predicts clean image tokens (b, n, d) from noisy ones, a timestep and brain tokens (b, n, d)."""
+
+    def __init__(self, n_tokens: int, dim: int, config: PriorConfig):
+        super().__init__()
+        self.n_tokens, self.dim, self.config = n_tokens, dim, config
+        self.time_mlp = nn.Sequential(  # sinusoidal embedding of t -> token
+            nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+        self.image_pos_emb = nn.Parameter(torch.randn(n_tokens, dim) * dim ** -0.5)
+        self.null_brain_tokens = nn.Parameter(torch.randn(n_tokens, dim))
+        self.rel_pos_bias = nn.Embedding(config.rel_pos_buckets, config.heads)
+        self.blocks = nn.ModuleList(
+            [PriorBlock(dim, config.heads, config.dim_head, config.ff_mult) for _ in range(config.depth)])
+        self.final_norm = MaxScaledLayerNorm(dim, bias=False)
+        self.project_out = nn.Linear(dim, dim, bias=False)
+
+    def time_embedding(self, t_b: torch.Tensor) -> torch.Tensor:
+        """Integer timesteps (b,) -> (b, 1, d)."""
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t_b.device) * (-math.log(10000) / (half - 1)))
+        angles_bh = t_b.float()[:, None] * freqs[None, :]
+        features_bd = torch.cat((angles_bh.sin(), angles_bh.cos()), dim=-1).to(self.time_mlp[0].weight.dtype)
+        return self.time_mlp(features_bd).unsqueeze(1)
+
+    def forward(self, noisy_image_bnd: torch.Tensor, t_b: torch.Tensor, brain_bnd: torch.Tensor,
+                brain_keep_b: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted x_start (b, n, d). `brain_keep_b` (bool, b): False replaces that row's brain tokens by null tokens."""
+        expected = (self.n_tokens, self.dim)
+        for name, tokens in (("noisy image tokens", noisy_image_bnd), ("brain tokens", brain_bnd)):
+            if tokens.ndim != 3 or tuple(tokens.shape[1:]) != expected:
+                raise ValueError(f"prior {name} must be (batch, {expected[0]}, {expected[1]}), got {tuple(tokens.shape)}")
+        if brain_keep_b is not None:
+            brain_bnd = torch.where(brain_keep_b[:, None, None], brain_bnd, self.null_brain_tokens.to(brain_bnd.dtype))
+        tokens_bld = torch.cat((brain_bnd, self.time_embedding(t_b).to(brain_bnd.dtype),
+                                noisy_image_bnd + self.image_pos_emb.to(noisy_image_bnd.dtype)), dim=1)  # L = 2n + 1
+        length, device = tokens_bld.shape[1], tokens_bld.device
+        buckets_lm = relative_position_buckets(length, length + 1, self.config.rel_pos_buckets,
+                                               self.config.rel_pos_max_distance, device)
+        bias_1hlm = self.rel_pos_bias(buckets_lm).permute(2, 0, 1).unsqueeze(0)
+        cos_lr, sin_lr = rotary_cos_sin(length, self.config.rotary_dim, device)
+        for block in self.blocks:
+            tokens_bld = block(tokens_bld, bias_1hlm, cos_lr, sin_lr)
+        return self.project_out(self.final_norm(tokens_bld[:, -self.n_tokens:]))
+
+    def loss(self, brain_tokens: torch.Tensor, image_tokens: torch.Tensor, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Diffusion loss: MSE between predicted and true clean image tokens at a random timestep per row."""
+        b, device = image_tokens.shape[0], image_tokens.device
+        t_b = torch.randint(0, self.config.timesteps, (b,), device=device, generator=generator)
+        noise_bnd = torch.randn(image_tokens.shape, device=device, dtype=image_tokens.dtype, generator=generator)
+        alpha_bar_b11 = cosine_alphas_cumprod(self.config.timesteps).to(device, image_tokens.dtype)[t_b][:, None, None]
+        noisy_bnd = alpha_bar_b11.sqrt() * image_tokens + (1 - alpha_bar_b11).sqrt() * noise_bnd
+        keep_b = torch.rand(b, device=device, generator=generator) >= self.config.cond_drop_prob
+        return F.mse_loss(self(noisy_bnd, t_b, brain_tokens, keep_b), image_tokens)
+
+    @torch.no_grad()
+    def sample(self, brain_tokens: torch.Tensor, steps: int = 20, cond_scale: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image tokens (b, n, d) by deterministic DDIM over `steps` evenly spaced timesteps of the schedule.
+
+        Each step predicts x_start, derives the noise it implies, and moves x to the next timestep's
+        noise level; the last step (t = 0) returns x_start. cond_scale != 1 applies classifier-free
+        guidance: x_start = uncond + cond_scale * (cond - uncond), uncond from the null brain tokens.
+        """
+        if not 1 <= steps <= self.config.timesteps:
+            raise ValueError(f"steps must be in [1, {self.config.timesteps}], got {steps}")
+        alpha_bar = cosine_alphas_cumprod(self.config.timesteps)
+        times = torch.linspace(self.config.timesteps - 1, 0, steps).round().long().tolist()
+        x_bnd = torch.randn(brain_tokens.shape, device=brain_tokens.device, dtype=brain_tokens.dtype,
+                            generator=generator)
+        for t, t_next in zip(times, times[1:] + [None]):
+            x_start = self._guided_x_start(x_bnd, t, brain_tokens, cond_scale)
+            if t_next is None:
+                break
+            a_t, a_next = alpha_bar[t].item(), alpha_bar[t_next].item()
+            eps_bnd = (x_bnd - math.sqrt(a_t) * x_start) / math.sqrt(1 - a_t)
+            x_bnd = math.sqrt(a_next) * x_start + math.sqrt(1 - a_next) * eps_bnd
+        return x_start
+
+    def _guided_x_start(self, x_bnd: torch.Tensor, t: int, brain_bnd: torch.Tensor, cond_scale: float) -> torch.Tensor:
+        b = x_bnd.shape[0]
+        if cond_scale == 1.0:
+            return self(x_bnd, torch.full((b,), t, device=x_bnd.device), brain_bnd)
+        keep_2b = torch.arange(2 * b, device=x_bnd.device) < b  # second half: null brain tokens
+        both = self(torch.cat((x_bnd, x_bnd)), torch.full((2 * b,), t, device=x_bnd.device),
+                    torch.cat((brain_bnd, brain_bnd)), keep_2b)
+        cond, uncond = both.chunk(2)
+        return uncond + cond_scale * (cond - uncond)

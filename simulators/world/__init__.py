@@ -1,0 +1,1 @@
+"""The synthetic NSD world: stimuli, subjects and responses with a known ground truth."""
