@@ -43,6 +43,9 @@ class ClipImageEmbedder(torch.nn.Module):
 
     def __init__(self, visual: VisionTransformer, spec: ClipSpec):
         super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(f"CLIP '{spec.name}' has a {type(visual).__name__} image tower; MindEye2's targets "
+                             "are a ViT's patch tokens")
         self.visual = visual.eval().requires_grad_(False)
         self.visual.output_tokens = True
         self.spec = spec
@@ -53,6 +56,10 @@ class ClipImageEmbedder(torch.nn.Module):
         self.dim = int(visual.transformer.width)
         self.register_buffer("mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "ClipImageEmbedder":
+        return super().train(False)  # frozen: stays in inference mode whatever a training loop asks
 
     @torch.no_grad()
     def forward(self, images_bchw: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The official `BrainNetwork` runs its input, a sequence of length 1, through mixer blocks whose
 second half normalises over that length-1 axis: a LayerNorm over one element returns its bias,
-so each block adds a constant and throws the first half's output away (its weights never get a
-gradient). Its effective model is aligner -> one linear. Here the blocks are pre-norm residual
+so each block adds a constant and throws the first half's output away (whose weights then get
+no gradient beyond float rounding). Its effective model is aligner -> one linear. Here the blocks are pre-norm residual
 MLPs over the feature axis, so they compute something; `residual_blocks=False` removes them to
 measure what they add.
 """

@@ -10,8 +10,9 @@ of its training subject list), `backbone.*` (`BrainNetwork`) and `diffusion_prio
   every prior weight except the null image embedding -> prior, one to one.
 - mixer_blocks2: with a length-1 sequence each block only adds a constant C_k to every feature,
   so sum(C_k) is folded into the biases of the token linear and of blin1.
-- mixer_blocks1: their output is discarded by the official forward (the defect in REFERENCE.md),
-  so they are not imported; our residual blocks start as the identity (output layer zeroed).
+- mixer_blocks1: their output is discarded by the official forward (the defect in REFERENCE.md;
+  their gradient is zero up to float rounding), so they are not imported; our residual blocks
+  start as the identity (output layer zeroed).
 Together the imported model computes what the official model computed (eval mode), and its
 residual blocks can then be trained. Everything else is listed in the report with the reason.
 """
@@ -21,7 +22,7 @@ import pickle
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,9 @@ _PRIOR = r"diffusion_prior\.net\."
 _LAYER = _PRIOR + r"causal_transformer\.layers\.(\d+)\."
 # (official key pattern, our key template): weights that are copied unchanged.
 _RENAMES: list[tuple[str, str]] = [
-    (r"backbone\.backbone_linear\.weight", "backbone.to_tokens.weight"),
+    (r"backbone\.backbone_linear\.(weight|bias)", r"backbone.to_tokens.\1"),
     (r"backbone\.clip_proj\.(.+)", r"retrieval_head.\1"),
-    (r"backbone\.blin1\.weight", "low_level_head.to_features.weight"),
+    (r"backbone\.blin1\.(weight|bias)", r"low_level_head.to_features.\1"),
     (r"backbone\.bnorm\.(.+)", r"low_level_head.norm.\1"),
     (r"backbone\.bupsampler\.(.+)", r"low_level_head.upsampler.\1"),
     (_PRIOR + r"to_time_embeds\.0\.1\.net\.0\.0\.(.+)", r"prior.time_mlp.0.\1"),
@@ -65,7 +66,7 @@ _RENAMES: list[tuple[str, str]] = [
 # (official key pattern, why nothing takes it).
 _NOT_IMPORTED: list[tuple[str, str]] = [
     (r"backbone\.mixer_blocks1\..+", "official residual block whose output the forward discards (LayerNorm over "
-     "a length-1 axis in mixer_blocks2), so it never trained; our blocks start as the identity instead"),
+     "a length-1 axis in mixer_blocks2): no effect on the official model; our blocks start as the identity"),
     (r"backbone\.b_maps_projector\..+", "auxiliary head for the ConvNeXt-feature contrastive loss, used only in "
      "training; not part of this model"),
     (_PRIOR + r"null_image_embed", "official training also swaps the noisy image tokens for this embedding "
@@ -73,6 +74,9 @@ _NOT_IMPORTED: list[tuple[str, str]] = [
     (_PRIOR + r"to_time_embeds\.0\.weight", "learned per-timestep embedding table; this prior embeds the "
      "timestep sinusoidally + MLP, as the paper's prior did"),
 ]
+
+
+_NOT_IN_CHECKPOINT = "not in the official checkpoint"
 
 
 @dataclass
@@ -118,11 +122,10 @@ def import_official_checkpoint(path: str | Path, subjects: Sequence[str],
         raise ValueError(f"{path} holds pickled Python objects besides tensors, which torch.load refuses to run "
                          f"by default; if the file comes from a source you trust, pass trust_pickle=True "
                          f"({error})") from error
-    state = checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping):
+    if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path}: expected a dict with 'model_state_dict' (or a state dict), got "
                          f"{type(checkpoint).__name__}")
-    return import_official_state_dict(state, subjects, config)
+    return import_official_state_dict(checkpoint, subjects, config)
 
 
 def import_official_state_dict(state_dict: Mapping[str, torch.Tensor], subjects: Sequence[str],
@@ -152,27 +155,27 @@ def import_official_state_dict(state_dict: Mapping[str, torch.Tensor], subjects:
         if key in ridge:
             put(ridge[key], value)
             report.mapped[key] = ridge[key]
-        elif key in ("backbone.backbone_linear.bias", "backbone.blin1.bias") and offset is not None:
-            _fold_bias(key, state, offset, ours, put, report)
         elif key.startswith("backbone.mixer_blocks2.") and offset is not None:
-            continue  # recorded by _folded_constant
+            continue  # already in report.folded
         elif (derived := _derived(key, value, config)) is not None:
             report.derived[key] = derived
-        elif (target := _rename(key)) is not None:
-            if target not in ours:
-                report.unmapped[key] = f"would be {target}, which a model built from this config does not have"
-            elif tuple(ours[target].shape) != tuple(value.shape):
-                report.unmapped[key] = (f"shape {tuple(value.shape)} does not fit {target} "
-                                        f"{tuple(ours[target].shape)} in this config")
-            else:
-                put(target, value)
-                report.mapped[key] = target
-        else:
+        elif (target := _rename(key)) is None:
             report.unmapped[key] = next((why for pattern, why in _NOT_IMPORTED if re.fullmatch(pattern, key)),
                                         "no counterpart in MindEye2 known to this importer")
+        elif target not in ours:
+            report.unmapped[key] = f"would be {target}, which a model built from this config does not have"
+        elif tuple(ours[target].shape) != tuple(value.shape):
+            report.unmapped[key] = f"shape {tuple(value.shape)} does not fit {target} {tuple(ours[target].shape)}"
+        elif key in ("backbone.backbone_linear.bias", "backbone.blin1.bias") and offset is not None:
+            weight = state[key.removesuffix("bias") + "weight"]  # Linear(x + C) = W x + (b + C * row sums of W)
+            put(target, (value.double() + offset * weight.double().sum(dim=1)).to(value.dtype))
+            report.folded[key] = f"-> {target} + (sum of the mixer_blocks2 constants) x row sums of the weight"
+        else:
+            put(target, value)
+            report.mapped[key] = target
 
     _record_fresh(model, filled, subjects, offset is not None, report)
-    surprising = [k for k, why in report.fresh.items() if not why.startswith(("identity", "subject"))]
+    surprising = [key for key, why in report.fresh.items() if why == _NOT_IN_CHECKPOINT]
     if surprising:
         warnings.warn(f"{len(surprising)} parameter tensors were not in the official checkpoint and keep their "
                       f"random initial values: {surprising[:5]}{' ...' if len(surprising) > 5 else ''}",
@@ -224,20 +227,6 @@ def _folded_constant(state: Mapping[str, torch.Tensor], report: ImportReport) ->
     return total
 
 
-def _fold_bias(key: str, state: Mapping[str, torch.Tensor], offset: torch.Tensor, ours: dict[str, torch.Tensor],
-               put: Callable[[str, torch.Tensor], None], report: ImportReport) -> None:
-    """Linear(x + C) = W x + (b + C * row sums of W)."""
-    layer = key.removesuffix(".bias")
-    target = {"backbone.backbone_linear": "backbone.to_tokens.bias",
-              "backbone.blin1": "low_level_head.to_features.bias"}[layer]
-    if target not in ours:
-        report.unmapped[key] = f"would be {target}, which a model built from this config does not have"
-        return
-    weight = state[f"{layer}.weight"]
-    put(target, (state[key].double() + offset * weight.double().sum(dim=1)).to(state[key].dtype))
-    report.folded[key] = f"-> {target} + (sum of the mixer_blocks2 constants) x row sums of {layer}.weight"
-
-
 def _derived(key: str, value: torch.Tensor, config: MindEyeConfig) -> str | None:
     """A note if `key` is a buffer our prior recomputes from its config; raises if the config disagrees."""
     if key.startswith("diffusion_prior.noise_scheduler."):
@@ -283,4 +272,4 @@ def _record_fresh(model: MindEye2, filled: set[str], subjects: Sequence[str], of
         elif (m := re.match(r"aligner\.linears\.([^.]+)\.", key)) and m.group(1) not in subjects:
             report.fresh[key] = "subject not in the official checkpoint"
         else:
-            report.fresh[key] = "not in the official checkpoint"
+            report.fresh[key] = _NOT_IN_CHECKPOINT

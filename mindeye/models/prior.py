@@ -55,9 +55,10 @@ def relative_position_buckets(n_queries: int, n_keys: int, buckets: int, max_dis
                               device: torch.device) -> torch.Tensor:
     """(n_queries, n_keys) bucket ids, as dalle2-pytorch computes them for its prior.
 
-    Key j sits at position j - 1 (key 0 is the null key), and only keys before the query are told
-    apart: distance = max(query - key_position, 0); exact below buckets/2, then log-spaced up to
-    max_distance. Keys at or after the query share bucket 0.
+    Keys are indexed with the null key first (sequence position p is key p + 1) and the distance is
+    max(query - key index, 0): only tokens two or more places back are told apart, the query itself,
+    the token before it and all later ones share bucket 0. Exact below buckets / 2, then log-spaced
+    up to max_distance.
     """
     key_positions = torch.arange(n_keys, device=device)
     query_positions = torch.arange(n_queries, device=device)
@@ -137,11 +138,11 @@ class DiffusionPrior(nn.Module):
 
     def forward(self, noisy_image_bnd: torch.Tensor, t_b: torch.Tensor, brain_bnd: torch.Tensor,
                 brain_keep_b: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted x_start (b, n, d). `brain_keep_b` (bool, b): False replaces that row's brain tokens by null tokens."""
-        expected = (self.n_tokens, self.dim)
+        """Predicted x_start (b, n, d); where `brain_keep_b` (bool, (b,)) is False, null tokens replace the brain's."""
+        n, d = self.n_tokens, self.dim
         for name, tokens in (("noisy image tokens", noisy_image_bnd), ("brain tokens", brain_bnd)):
-            if tokens.ndim != 3 or tuple(tokens.shape[1:]) != expected:
-                raise ValueError(f"prior {name} must be (batch, {expected[0]}, {expected[1]}), got {tuple(tokens.shape)}")
+            if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (n, d):
+                raise ValueError(f"prior {name} must be (batch, {n}, {d}), got {tuple(tokens.shape)}")
         if brain_keep_b is not None:
             brain_bnd = torch.where(brain_keep_b[:, None, None], brain_bnd, self.null_brain_tokens.to(brain_bnd.dtype))
         tokens_bld = torch.cat((brain_bnd, self.time_embedding(t_b).to(brain_bnd.dtype),

@@ -35,7 +35,7 @@ MIN_SIZE = 8
 # Colour families as HSV ranges: (hue in degrees, saturation, value). Hue ranges may wrap past 360.
 COLOUR_FAMILIES: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
     "sky": ((190, 230), (0.2, 0.65), (0.65, 1.0)),
-    "dusk": ((5, 45), (0.3, 0.7), (0.6, 1.0)),
+    "dusk": ((345, 405), (0.3, 0.7), (0.6, 1.0)),  # pinks through oranges
     "water": ((175, 220), (0.35, 0.8), (0.3, 0.7)),
     "foliage": ((65, 150), (0.3, 0.85), (0.2, 0.7)),
     "earth": ((15, 45), (0.3, 0.75), (0.2, 0.65)),
@@ -59,10 +59,10 @@ class Texture:
     kind: str  # one of TEXTURE_KINDS
     colour: RGB  # the colour mixed in where the pattern is high
     contrast: float  # weight of `colour` at the pattern's peaks, in [0, 1]
-    frequency: float  # cycles across the region (pink: of its coarsest octave; leaves: 1 / smallest
-    #                   radius; speckle: cells)
+    frequency: float  # cycles across the region; pink: of the coarsest octave; leaves: 1 / the
+    #                   smallest disc radius; speckle: lattice cells across
     angle: float  # orientation of gratings and checkers, radians
-    seed: int  # phase, sharpness and noise lattices come from this
+    seed: int  # the pattern's own randomness: phase, sharpness, spectral slope, lattices, discs
 
 
 @dataclass(frozen=True)
@@ -124,20 +124,27 @@ def _seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**31))
 
 
+def _rgb(red: float, green: float, blue: float) -> RGB:
+    def level(value: float) -> int:
+        return int(round(min(max(value, 0.0), 255.0)))
+
+    return level(red), level(green), level(blue)
+
+
 def _colour(rng: np.random.Generator, family: str) -> RGB:
     (h0, h1), (s0, s1), (v0, v1) = COLOUR_FAMILIES[family]
     hsv = (rng.uniform(h0, h1) % 360 / 360, rng.uniform(s0, s1), rng.uniform(v0, v1))
-    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(*hsv))  # type: ignore[return-value]
+    return _rgb(*(255 * c for c in colorsys.hsv_to_rgb(*hsv)))
 
 
 def _sample_texture(rng: np.random.Generator, colour: RGB, max_frequency: float) -> Texture | None:
-    """Pattern with a lighter or darker tone of `colour`, or a contrasting colour."""
+    """None, or a pattern mixing in a darker or lighter tone of `colour` or an unrelated colour."""
     kind = str(rng.choice(TEXTURE_KINDS + ("none",), p=(0.3, 0.2, 0.15, 0.07, 0.13, 0.15)))
     if kind == "none":
         return None
     if rng.random() < 0.7:
         tone = rng.uniform(0.3, 0.6) if rng.random() < 0.6 else rng.uniform(1.3, 1.8)
-        second = tuple(int(min(255, round(c * tone + (20 if tone > 1 else 0)))) for c in colour)
+        second = _rgb(*(c * tone + (20 if tone > 1 else 0) for c in colour))
     else:
         second = _colour(rng, str(rng.choice(ANY_FAMILIES)))
     frequency = {
@@ -147,7 +154,7 @@ def _sample_texture(rng: np.random.Generator, colour: RGB, max_frequency: float)
         "checker": rng.uniform(1.5, max_frequency / 2),
         "speckle": rng.uniform(20, 8 * max_frequency),
     }[kind]
-    return Texture(kind, second, rng.uniform(0.3, 0.9), frequency, rng.uniform(0, math.pi), _seed(rng))  # type: ignore[arg-type]
+    return Texture(kind, second, rng.uniform(0.3, 0.9), frequency, rng.uniform(0, math.pi), _seed(rng))
 
 
 def _sample_surface(rng: np.random.Generator, families: tuple[str, ...], max_frequency: float) -> Surface:
@@ -188,12 +195,12 @@ def _sample_object(rng: np.random.Generator, depth: float, horizon: float, haze:
     else:  # floating: anywhere, no shadow
         centre, shadow = (rng.uniform(0.08, 0.92), rng.uniform(0.08, 0.92)), 0.0
     surface = _sample_surface(rng, OBJECT_FAMILIES, 12)
-    # Aerial perspective: far objects fade toward the sky colour.
+    # Aerial perspective: far objects fade toward `haze` (the sky, on horizon layouts).
     fade = 0.5 * (1.0 - depth) ** 2
-    surface = Surface(tuple(int(round((1 - fade) * c + fade * h)) for c, h in zip(surface.colour, haze)),  # type: ignore[arg-type]
-                      surface.texture, surface.shade)
-    vertices = int(rng.integers(3, 9)) if kind == "polygon" else int(rng.integers(4, 9)) if kind == "star" else 0
-    inner = rng.uniform(0.35, 0.6) if kind == "star" else rng.uniform(0.4, 0.8) if kind == "ring" else 0.0
+    faded = _rgb(*((1 - fade) * c + fade * h for c, h in zip(surface.colour, haze)))
+    surface = Surface(faded, surface.texture, surface.shade)
+    vertices = {"polygon": int(rng.integers(3, 9)), "star": int(rng.integers(4, 9))}.get(kind, 0)
+    inner = {"star": rng.uniform(0.35, 0.6), "ring": rng.uniform(0.4, 0.8)}.get(kind, 0.0)
     return SceneObject(kind, centre, (width, height), rng.uniform(0, 2 * math.pi), depth, surface,
                        rng.uniform(0.1, 0.5), shadow, vertices, inner, _seed(rng) if kind == "blob" else 0)
 
@@ -247,8 +254,10 @@ def _texture_field(texture: Texture, height: int, width: int) -> np.ndarray:
         centres, tones = rng.random((count, 2)), rng.integers(0, 256, count)
         image = Image.new("L", (width, height), 128)
         draw = ImageDraw.Draw(image)
-        for (x, y), r, tone in zip(centres, radii, tones):
-            draw.ellipse(((x - r) * width, (y - r) * height, (x + r) * width, (y + r) * height), fill=int(tone))
+        drawn = radii * min(width, height) >= 0.5  # smaller discs would not cover a pixel at this size
+        for (x, y), r, tone in zip(centres[drawn], radii[drawn], tones[drawn]):
+            box = ((x - r) * width, (y - r) * height, (x + r) * width, (y + r) * height)
+            draw.ellipse(box, fill=int(tone))
         return np.asarray(image, np.float32) / 255
     if texture.kind == "speckle":
         n = int(round(texture.frequency))
@@ -272,7 +281,8 @@ def _surface_pixels(surface: Surface, height: int, width: int) -> np.ndarray:
         pixels[:] = colour
     else:
         weight = surface.texture.contrast * _texture_field(surface.texture, height, width)
-        np.multiply(weight[..., None], np.asarray(surface.texture.colour, np.float32) / 255 - colour, out=pixels)
+        second = np.asarray(surface.texture.colour, np.float32) / 255
+        np.multiply(weight[..., None], second - colour, out=pixels)
         pixels += colour
     pixels *= 1 + surface.shade * np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None, None]
     return pixels
@@ -322,7 +332,8 @@ def _object_mask(obj: SceneObject, side: int, centre: tuple[float, float], n: in
         field = 1 - u**2 - v**2
         rng = np.random.default_rng(obj.seed)
         for direction, cycles, phase in rng.uniform((0, 0.3, 0), (2 * math.pi, 1.0, 2 * math.pi), (5, 3)):
-            field = field + 0.2 * np.sin(2 * math.pi * cycles * (u * math.cos(direction) + v * math.sin(direction)) + phase)
+            along = u * math.cos(direction) + v * math.sin(direction)
+            field = field + 0.2 * np.sin(2 * math.pi * cycles * along + phase)
         return (field > 0.3).astype(np.float32)
     image = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(image)
@@ -334,7 +345,10 @@ def _object_mask(obj: SceneObject, side: int, centre: tuple[float, float], n: in
 
 
 def _paste(canvas: np.ndarray, top: int, left: int, layer: np.ndarray, alpha: np.ndarray) -> None:
-    """canvas <- alpha * layer + (1 - alpha) * canvas over the part of the box inside the canvas."""
+    """canvas <- alpha * layer + (1 - alpha) * canvas on the part of the box inside the canvas.
+
+    canvas (n, n, c); alpha (side, side); layer (side, side, c), or (c,) for one flat colour.
+    """
     n, side = canvas.shape[0], alpha.shape[0]
     y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + side, n), min(left + side, n)
     if y0 >= y1 or x0 >= x1:
@@ -375,14 +389,16 @@ def paint_scene(scene: Scene, size: int) -> np.ndarray:
     size = _check_int("size", size, MIN_SIZE)
     n = SUPERSAMPLING * size
     canvas = _surface_pixels(scene.layout.first, n, n)  # (n, n, 3) in [0, 1], float32
-    canvas += _layout_weight(scene.layout, n)[..., None] * (_surface_pixels(scene.layout.second, n, n) - canvas)
+    second = _surface_pixels(scene.layout.second, n, n)
+    canvas += _layout_weight(scene.layout, n)[..., None] * (second - canvas)
     for obj in scene.objects:
         if obj.shadow > 0:
             _paint_shadow(canvas, obj, scene.light_angle)
         _paint_object(canvas, obj, scene.light_angle)
     canvas *= 255
     canvas += 0.5
-    image = Image.fromarray(np.clip(canvas, 0, 255, out=canvas).astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
+    image = Image.fromarray(np.clip(canvas, 0, 255, out=canvas).astype(np.uint8))
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
     if scene.blur * size >= 0.1:
         image = image.filter(ImageFilter.GaussianBlur(scene.blur * size))
     noise = np.random.default_rng(scene.noise_seed).normal(0, scene.noise, (size, size, 3))
@@ -390,7 +406,7 @@ def paint_scene(scene: Scene, size: int) -> np.ndarray:
 
 
 def object_coverage(scene: Scene, size: int) -> np.ndarray:
-    """(n_objects, size, size) float coverage in [0, 1] of each object's own silhouette, occlusion ignored."""
+    """(n_objects, size, size) coverage in [0, 1] of each object's own silhouette, occlusion ignored."""
     size = _check_int("size", size, MIN_SIZE)
     coverage = np.zeros((len(scene.objects), size, size), np.float32)
     for k, obj in enumerate(scene.objects):
@@ -406,7 +422,8 @@ def object_coverage(scene: Scene, size: int) -> np.ndarray:
 
 def render_stimuli(n_images: int, size: int, seed: int, *, progress: bool = False) -> np.ndarray:
     """(n_images, size, size, 3) uint8 scenes; image i depends only on (seed, i)."""
-    n_images, size, seed = _check_int("n_images", n_images, 0), _check_int("size", size, MIN_SIZE), _check_int("seed", seed, 0)
+    n_images, seed = _check_int("n_images", n_images, 0), _check_int("seed", seed, 0)
+    size = _check_int("size", size, MIN_SIZE)
     images = np.empty((n_images, size, size, 3), np.uint8)
     for i in tqdm(range(n_images), desc="stimuli", unit="img", disable=not progress):
         images[i] = paint_scene(sample_scene(seed, i), size)
@@ -420,7 +437,7 @@ def save_grid(images: np.ndarray, path: str | Path, ncols: int = 8) -> Path:
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
-        raise ValueError(f"save_grid needs a non-empty uint8 array (n, h, w, 3), got {images.dtype} {images.shape}")
+        raise ValueError(f"save_grid needs non-empty uint8 images (n, h, w, 3), got {images.dtype} {images.shape}")
     ncols = _check_int("ncols", ncols, 1)
     gutter, (n, h, w, _) = 2, images.shape
     rows = -(-n // ncols)

@@ -1,0 +1,266 @@
+"""MindEye2 model: configs, factory, shapes (tiny for real, paper sizes on the meta device), parameter
+counts, working residual blocks, and the diffusion prior's loss and sampler."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mindeye.models import (MindEyeConfig, available_configs, build_model, count_parameters, load_config)
+from mindeye.models.prior import cosine_alphas_cumprod, relative_position_buckets
+
+TINY_VOXELS = {"subj01": 40, "subj02": 50}
+NSD_SUBJ01 = {"subj01": 15724}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, and do not stall when other processes share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny(**overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("tiny", voxels_per_subject=TINY_VOXELS, **overrides)
+
+
+# --- config and factory -------------------------------------------------------------------------------
+
+def test_config_round_trips_through_json():
+    config = load_config("paper")
+    data = json.loads(json.dumps(config.to_dict()))
+    assert MindEyeConfig.from_dict(data) == config
+    assert data["low_level"]["decoder_channels"] == [32, 64, 128]
+    assert config.voxels_per_subject == {"subj01": 15724, "subj02": 14278, "subj03": 15226, "subj04": 13153,
+                                         "subj05": 13039, "subj06": 17907, "subj07": 12682, "subj08": 14386}
+
+
+def test_all_yaml_configs_build_with_injected_subjects():
+    assert {"paper", "paper_1024", "small", "tiny"} <= set(available_configs())
+    for name in available_configs():
+        config = load_config(name, voxels_per_subject={"s1": 10})
+        assert config.subjects == ["s1"]
+
+
+def test_configs_without_subjects_ask_for_them():
+    with pytest.raises(ValueError, match="voxels_per_subject=..."):
+        load_config("small")
+
+
+def test_overrides_merge_into_sub_configs_and_replace_subjects():
+    config = load_config("paper", voxels_per_subject={"x": 7}, clip_tokens=64, prior={"depth": 2})
+    assert config.voxels_per_subject == {"x": 7}
+    assert (config.clip_tokens, config.prior.depth, config.prior.heads) == (64, 2, 32)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"hidden_dimm": 3}, "unknown key"),
+    ({"prior": {"depht": 2}}, "unknown key"),
+    ({"hidden_dim": 0}, "hidden_dim must be an integer >= 1"),
+    ({"dropout": 1.5}, "dropout must be a number in"),
+    ({"voxels_per_subject": {"subj.01": 10}}, "no dots"),
+    ({"voxels_per_subject": {"subj01": -3}}, "voxels_per_subject"),
+    ({"prior": {"rotary_dim": 64}}, "rotary_dim=64 must be even and <= dim_head=52"),
+    ({"prior": {"schedule": "linear"}}, "schedule must be 'cosine'"),
+    ({"low_level": {"latent_size": 30}}, "latent_size=30 must be divisible by 4"),
+    ({"low_level": {"norm_groups": 24}}, "divisible by norm_groups=24"),
+])
+def test_invalid_configs_are_rejected_with_the_field_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("paper", **bad)
+
+
+def test_unknown_config_name_lists_the_available_ones():
+    with pytest.raises(FileNotFoundError, match="available: .*paper"):
+        build_model("papr")
+
+
+# --- shapes and sizes -----------------------------------------------------------------------------------
+
+def test_tiny_forward_shapes():
+    model = tiny().eval()
+    out = model(torch.randn(3, 50), "subj02")
+    assert out.backbone_tokens.shape == (3, 16, 32)
+    assert out.retrieval_tokens.shape == (3, 16, 32)
+    assert out.low_level_latent.shape == (3, 4, 8, 8)
+    assert model.encode_latent(torch.randn(3, 40), "subj01").shape == (3, 64)
+    assert list(model.buffers()) == []  # nothing derived is stored: meta-built models load by assignment
+
+
+def test_low_level_head_can_be_disabled():
+    model = tiny(low_level={"enabled": False})
+    assert model(torch.randn(2, 40), "subj01").low_level_latent is None
+    assert count_parameters(model)["low_level"] == 0
+
+
+@pytest.mark.parametrize("name, hidden", [("paper", 4096), ("paper_1024", 1024)])
+def test_paper_models_shapes_on_meta_device(name, hidden):
+    model = build_model(name, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    voxels = torch.empty(2, 17907, device="meta")
+    assert model.encode_latent(voxels, "subj06").shape == (2, hidden)
+    out = model(voxels, "subj06")
+    assert out.backbone_tokens.shape == out.retrieval_tokens.shape == (2, 256, 1664)
+    assert out.low_level_latent.shape == (2, 4, 28, 28)
+    t = torch.zeros(2, dtype=torch.long, device="meta")
+    assert model.prior(out.retrieval_tokens, t, out.backbone_tokens).shape == (2, 256, 1664)
+
+
+def test_paper_parameter_counts():
+    """Paper (one subject): ~2.21 B = aligner 64 M + 4096 -> 425,984 linear 1.745 B + prior ~260 M + the rest."""
+    counts = count_parameters(build_model("paper", device="meta", voxels_per_subject=NSD_SUBJ01))
+    assert counts["aligner"] == 15724 * 4096 + 4096
+    token_linear = 4096 * 256 * 1664 + 256 * 1664
+    assert token_linear == 1_745_256_448
+    assert counts["backbone"] == token_linear + 4 * (2 * (4096 * 4096 + 4096) + 2 * 4096)
+    assert counts["prior"] == pytest.approx(260e6, rel=0.01)
+    assert counts["total"] == pytest.approx(2.21e9, rel=0.02)
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+    # all eight NSD subjects: the aligner grows by voxels x 4096 per subject
+    counts8 = count_parameters(build_model("paper", device="meta"))
+    assert counts8["aligner"] == (15724 + 14278 + 15226 + 13153 + 13039 + 17907 + 12682 + 14386 + 8) * 4096
+
+
+def test_paper_1024_parameter_count():
+    counts = count_parameters(build_model("paper_1024", device="meta", voxels_per_subject=NSD_SUBJ01))
+    assert counts["total"] == pytest.approx(0.73e9, rel=0.03)
+    assert counts["prior"] == pytest.approx(260e6, rel=0.01)
+
+
+def test_prior_attention_width_need_not_equal_token_width():
+    model = tiny(prior={"heads": 3, "dim_head": 10, "rotary_dim": 8})  # 30 != clip_dim 32: projected
+    out = model(torch.randn(2, 40), "subj01")
+    assert model.prior.sample(out.backbone_tokens, steps=3).shape == (2, 16, 32)
+
+
+# --- aligner ---------------------------------------------------------------------------------------------
+
+def test_unknown_subject_names_the_known_ones():
+    with pytest.raises(KeyError, match=r"unknown subject 'subj09'.*subj01.*subj02"):
+        tiny()(torch.randn(2, 40), "subj09")
+
+
+def test_wrong_voxel_count_is_rejected():
+    with pytest.raises(ValueError, match=r"subject 'subj01' has 40 voxels.*\(2, 50\)"):
+        tiny()(torch.randn(2, 50), "subj01")
+
+
+def test_add_subject_extends_aligner_and_config():
+    model = tiny()
+    model.add_subject("subj09", 33)
+    assert model.config.voxels_per_subject == {**TINY_VOXELS, "subj09": 33}
+    assert model(torch.randn(2, 33), "subj09").backbone_tokens.shape == (2, 16, 32)
+    with pytest.raises(ValueError, match="already has an aligner"):
+        model.add_subject("subj01", 40)
+
+
+# --- residual blocks -------------------------------------------------------------------------------------
+
+def test_residual_blocks_train_and_change_the_output():
+    """The official defect (blocks with no effect, no gradient) is absent."""
+    model = tiny().eval()
+    voxels = torch.randn(4, 40)
+    out = model(voxels, "subj01")
+    (out.backbone_tokens.square().mean() + out.low_level_latent.square().mean()).backward()
+    for block in model.backbone.blocks:
+        for name in ("fc1", "fc2"):
+            assert getattr(block, name).weight.grad.abs().sum() > 0, f"{name} got no gradient"
+    with torch.no_grad():
+        model.backbone.blocks[0].fc1.weight.add_(0.1 * torch.randn_like(model.backbone.blocks[0].fc1.weight))
+        changed = model(voxels, "subj01").backbone_tokens
+    assert (changed - out.backbone_tokens).abs().max() > 1e-3
+
+
+def test_residual_blocks_switch_removes_them():
+    model = tiny(residual_blocks=False).eval()
+    assert len(model.backbone.blocks) == 0
+    voxels = torch.randn(2, 40)
+    aligned = model.aligner(voxels, "subj01")
+    torch.testing.assert_close(model.encode_latent(voxels, "subj01"), aligned)
+    expected = model.backbone.to_tokens(aligned).view(2, 16, 32)  # aligner -> one linear
+    torch.testing.assert_close(model(voxels, "subj01").backbone_tokens, expected)
+    block_parameters = 2 * (64 * 64 + 64) + 2 * 64  # two linears and a LayerNorm at h = 64
+    assert count_parameters(tiny())["backbone"] - count_parameters(model)["backbone"] == 4 * block_parameters
+
+
+# --- diffusion prior -------------------------------------------------------------------------------------
+
+def test_cosine_schedule_matches_closed_form():
+    alpha_bar = cosine_alphas_cumprod(100)
+    f = lambda t: math.cos((t / 100 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 10, 50, 90):  # before the 0.999 beta clip: alpha-bar_t = f(t + 1) / f(0)
+        assert alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert torch.all(alpha_bar[1:] < alpha_bar[:-1])
+    assert alpha_bar[0] > 0.999 and alpha_bar[-1] < 1e-4
+
+
+def test_relative_position_buckets_follow_dalle2_layout():
+    # key 0 is the null key; distance = max(query - (key - 1) - 1, 0) = max(query - key, 0)
+    buckets = relative_position_buckets(3, 4, buckets=32, max_distance=128, device=torch.device("cpu"))
+    assert buckets.tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [2, 1, 0, 0]]
+    far = relative_position_buckets(600, 1, buckets=32, max_distance=128, device=torch.device("cpu"))[:, 0]
+    assert far[15].item() == 15 and far[16].item() == 16 and far[127].item() == 31 and far[599].item() == 31
+    assert torch.all(far[1:] >= far[:-1])
+
+
+def test_prior_loss_is_finite_and_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    prior = tiny().prior
+    brain = torch.randn(8, 16, 32)
+    image = torch.tanh(brain @ torch.randn(32, 32) / 32 ** 0.5)  # a learnable brain -> image map
+
+    def held_out_loss() -> float:  # same timesteps, noise and dropout every time
+        with torch.no_grad():
+            return prior.loss(brain, image, generator=torch.Generator().manual_seed(1)).item()
+
+    before = held_out_loss()
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=3e-3)
+    for _ in range(50):
+        loss = prior.loss(brain, image)
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = held_out_loss()
+    assert after < 0.5 * before, (before, after)
+    assert after < 0.85 * image.square().mean().item()  # better than predicting zeros: it reads its inputs
+
+
+def test_prior_conditioning_dropout_uses_null_tokens():
+    prior = tiny().prior.eval()
+    noisy, brain, t = torch.randn(2, 16, 32), torch.randn(2, 16, 32), torch.tensor([5, 70])
+    dropped = prior(noisy, t, brain, torch.tensor([False, True]))
+    null_input = torch.stack((prior.null_brain_tokens.detach(), brain[1]))
+    torch.testing.assert_close(dropped, prior(noisy, t, null_input))
+
+
+def test_sample_shape_determinism_and_step_counts():
+    model = tiny().eval()
+    brain = model(torch.randn(2, 40), "subj01").backbone_tokens.detach()
+    a = model.prior.sample(brain, steps=20, generator=torch.Generator().manual_seed(3))
+    b = model.prior.sample(brain, steps=20, generator=torch.Generator().manual_seed(3))
+    c = model.prior.sample(brain, steps=20, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (2, 16, 32)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-3
+    full = model.prior.sample(brain, steps=100, generator=torch.Generator().manual_seed(3))
+    assert full.shape == (2, 16, 32) and torch.isfinite(full).all()
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 100\]"):
+        model.prior.sample(brain, steps=101)
+
+
+def test_guidance_scale_zero_is_the_unconditional_prediction():
+    prior = tiny().prior.eval()
+    brain = torch.randn(2, 16, 32)
+    unconditional = prior.sample(brain, steps=5, cond_scale=0.0, generator=torch.Generator().manual_seed(0))
+    null_brain = prior.null_brain_tokens.detach().expand(2, -1, -1)
+    expected = prior.sample(null_brain, steps=5, cond_scale=1.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(unconditional, expected)
+    guided = prior.sample(brain, steps=5, cond_scale=3.0, generator=torch.Generator().manual_seed(0))
+    plain = prior.sample(brain, steps=5, cond_scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert (guided - plain).abs().max() > 1e-3

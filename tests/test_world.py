@@ -1,0 +1,120 @@
+"""The synthetic world: deterministic, tunable, learnable and not trivial."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from mindeye.config import load_config
+from simulators.world.anatomy import make_anatomy
+from simulators.world.design import make_design
+from simulators.world.encoding import shared_code
+from simulators.world.generate import generate_world
+from simulators.world.learnability import check_learnability
+
+
+def test_components_are_deterministic_from_the_seed():
+    cfg = load_config("world_generate").world
+    a, b = make_design(cfg, np.random.default_rng(1)), make_design(cfg, np.random.default_rng(1))
+    np.testing.assert_array_equal(a.master_order, b.master_order)
+    np.testing.assert_array_equal(a.stim_pattern, b.stim_pattern)
+    assert not np.array_equal(a.master_order, make_design(cfg, np.random.default_rng(2)).master_order)
+    np.testing.assert_array_equal(make_anatomy(3, cfg.brain, np.random.default_rng(0)).roi_xyz,
+                                  make_anatomy(3, cfg.brain, np.random.default_rng(0)).roi_xyz)
+
+
+def test_subjects_differ_in_grid_and_voxels(tiny_world):
+    _, summary, _ = tiny_world
+    subjects = summary["subjects"]
+    assert len({tuple(s["grid"]) for s in subjects}) >= 4
+    assert len({s["roi_voxels"] for s in subjects}) == 8
+    # Voxel counts keep NSD's order: subject 6 has the most nsdgeneral voxels, subject 7 the fewest.
+    counts = [s["roi_voxels"] for s in subjects]
+    assert np.argmax(counts) == 5 and np.argmin(counts) == 6
+
+
+def test_code_nonlinearity_is_a_real_knob():
+    """At nonlinearity 0 the code is a rotation of the tokens' principal components (linear in
+    the tokens); at 1 a linear read-out of the tokens explains much less of it."""
+    cfg = load_config("world_generate").world
+    tokens = np.random.default_rng(0).standard_normal((400, 16, 8))
+    tokens[:, :, :4] *= 5  # a few dominant directions, as real tokens have
+
+    def linear_r2(nonlinearity: float) -> float:
+        code = shared_code(tokens, OmegaConf.merge(cfg.code, {"nonlinearity": nonlinearity, "dim": 8}),
+                           np.random.default_rng(0))
+        x = np.c_[tokens.reshape(400, -1), np.ones(400)]
+        fit = x @ np.linalg.lstsq(x[:300], code[:300], rcond=None)[0]
+        return 1 - ((fit[300:] - code[300:]) ** 2).sum() / ((code[300:] - code[300:].mean(0)) ** 2).sum()
+
+    assert linear_r2(0.0) > 0.95
+    assert linear_r2(1.0) < 0.7
+
+
+def _one_subject_world(tmp_path, name: str, *overrides: str) -> dict:
+    cfg = load_config("world_generate", ["world.n_subjects=1", "world.images.unique_per_subject=50",
+                                          "world.images.shared=10", "world.sessions_per_subject=[2]",
+                                          *overrides]).world
+    return generate_world(cfg, tmp_path / name, progress=False)["subjects"][0]
+
+
+def test_noise_knobs_act_where_they_should(tmp_path):
+    """Trial noise lowers how much of the image response betas carry, not how well the GLM recovers
+    each trial; scanner (time-series) noise lowers the GLM's recovery."""
+    base = _one_subject_world(tmp_path, "base")
+    trial_noisy = _one_subject_world(tmp_path, "trial", "world.snr.trial_noise_pct=4.0")
+    scanner_noisy = _one_subject_world(tmp_path, "scanner", "world.snr.ts_noise_pct=4.0")
+    assert trial_noisy["beta_vs_image_response_r"] < base["beta_vs_image_response_r"] - 0.2
+    assert trial_noisy["beta_vs_trial_response_r"] > base["beta_vs_trial_response_r"] - 0.05
+    assert scanner_noisy["beta_vs_trial_response_r"] < base["beta_vs_trial_response_r"] - 0.2
+
+
+def test_existing_world_is_reused_and_a_different_one_refused(tiny_world):
+    root, summary, cfg = tiny_world
+    before = (root / "ground_truth/world.json").stat().st_mtime_ns
+    assert generate_world(cfg, root, progress=False) == summary
+    assert (root / "ground_truth/world.json").stat().st_mtime_ns == before
+    other = cfg.copy()
+    other.seed = 1
+    with pytest.raises(FileExistsError, match="another config"):
+        generate_world(other, root, progress=False)
+
+
+def test_world_is_learnable_and_not_trivial(tiny_world):
+    """Ridge from betas to CLIP tokens retrieves test images far above chance, yet clearly below
+    what the noiseless ground-truth responses allow (averaged over the 8 subjects)."""
+    root, _, _ = tiny_world
+    reports = [check_learnability(root, subject) for subject in range(1, 9)]
+    chance = reports[0].chance
+    ridge = np.mean([(r.image_top1 + r.brain_top1) / 2 for r in reports])
+    ceiling = np.mean([(r.ceiling_image_top1 + r.ceiling_brain_top1) / 2 for r in reports])
+    assert chance == pytest.approx(1 / 30)
+    assert ridge > 6 * chance, f"ridge top-1 {ridge:.1%} vs chance {chance:.1%}"
+    assert ceiling > ridge + 0.1, f"ceiling {ceiling:.1%} vs ridge {ridge:.1%}"
+    assert ceiling < 0.98  # the ground truth itself is not trivially decodable
+
+
+def test_world_json_records_what_made_it(tiny_world):
+    root, summary, cfg = tiny_world
+    saved = json.loads((root / "ground_truth/world.json").read_text())
+    assert saved["config"]["seed"] == cfg.seed and saved["config"]["clip"]["name"] == "tiny_vit"
+    assert saved["clip_tokens"] == [16, 64]
+
+
+def test_world_help_explains_the_command():
+    out = subprocess.run([sys.executable, "-m", "simulators.world.generate", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "synthetic NSD world" in out and "world: small, tiny" in out and "overwrite" in out
+
+
+def test_demo_command_summarises_and_decodes(tiny_world):
+    """The README's main job, on the already generated tiny world (reused, not regenerated)."""
+    root, _, _ = tiny_world
+    out = subprocess.run([sys.executable, "-m", "simulators.demo", f"out_dir={root}", "decode_subjects=[1,2]",
+                          "hydra.run.dir=" + str(root.parent / "hydra")], capture_output=True, text=True, check=True).stdout
+    assert "synthetic NSD world 'tiny'" in out and "subj08" in out
+    assert "ridge decoding, subj02" in out and "mean over 2 subjects" in out
