@@ -1,0 +1,63 @@
+"""Training targets for every stimulus: CLIP image tokens and low-level latents, computed once.
+
+The cache is one hdf5 file per (stimuli, encoder, codec): rows are filled on demand the first
+time an image is asked for, so full NSD (73k images; ~62 GB of bigG tokens in fp16) is only
+ever computed for the images a run uses, and a second run reads what the first computed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from mindeye.clip import ClipImageEmbedder
+from mindeye.nsd import StimulusBrick
+from mindeye.nsd.files import read_rows
+
+CACHE_FORMAT_VERSION = 1
+
+
+class TargetCache:
+    def __init__(self, stimuli: StimulusBrick, embedder: ClipImageEmbedder, codec, cache_dir: Path,
+                 codec_spec: dict, batch_size: int = 64):
+        self.stimuli, self.embedder, self.codec, self.batch_size = stimuli, embedder, codec, batch_size
+        key = json.dumps({"version": CACHE_FORMAT_VERSION, "stimuli": str(stimuli.path.resolve()),
+                          "stimuli_shape": list(stimuli.shape), "clip": embedder.spec.__dict__, "codec": codec_spec},
+                         sort_keys=True, default=str)
+        self.path = Path(cache_dir) / f"targets-{hashlib.sha256(key.encode()).hexdigest()[:16]}.hdf5"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        n = len(stimuli)
+        with h5py.File(self.path, "a") as f:
+            if "computed" not in f:
+                f.attrs["key"] = key
+                f.create_dataset("computed", data=np.zeros(n, bool))
+                f.create_dataset("tokens", shape=(n, embedder.n_tokens, embedder.dim), dtype=np.float16,
+                                 chunks=(1, embedder.n_tokens, embedder.dim))
+                shape = (codec.channels, codec.latent_size, codec.latent_size)
+                f.create_dataset("low_level", shape=(n, *shape), dtype=np.float16, chunks=(1, *shape))
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.embedder.n_tokens, self.embedder.dim
+
+    @property
+    def low_level_shape(self) -> tuple[int, int, int]:
+        return self.codec.channels, self.codec.latent_size, self.codec.latent_size
+
+    def get(self, image_ids: np.ndarray, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """float32 tokens (n, L, D) and low-level latents (n, C, S, S) for `image_ids` (any order)."""
+        image_ids = np.asarray(image_ids)
+        with h5py.File(self.path, "a") as f:
+            missing = np.setdiff1d(np.unique(image_ids), np.flatnonzero(f["computed"][:]))
+            for start in tqdm(range(0, len(missing), self.batch_size), desc="targets", disable=not progress):
+                ids = missing[start:start + self.batch_size]
+                images = self.stimuli[ids]
+                f["tokens"][ids] = self.embedder.embed_array(images, batch_size=self.batch_size)
+                f["low_level"][ids] = self.codec.encode(images)
+                f["computed"][ids] = True
+            return (read_rows(f["tokens"], image_ids).astype(np.float32),
+                    read_rows(f["low_level"], image_ids).astype(np.float32))

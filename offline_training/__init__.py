@@ -1,0 +1,1 @@
+"""Offline training: shared-subject pretraining, one-session fine-tuning and evaluation (accelerate)."""
