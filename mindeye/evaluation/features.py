@@ -36,7 +36,7 @@ from torch import nn
 from torchvision import models
 
 from mindeye.errors import FormatError
-from mindeye.evaluation.image_metrics import images_to_nchw, resize_nchw
+from mindeye.evaluation.image_metrics import PAPER_DOWNSAMPLE_ANTIALIAS, images_to_nchw, resize_nchw
 
 MetricKind = Literal["two_way", "distance"]
 
@@ -65,7 +65,7 @@ class FeatureExtractor(ABC):
 
 
 class TorchFeatureExtractor(FeatureExtractor):
-    """Resize to `input_size` (square, bilinear), normalise, run `network`, flatten; in batches."""
+    """Resize to `input_size` (square, bilinear, no antialiasing as in the paper), normalise, run, flatten."""
 
     def __init__(self, name: str, metric: MetricKind, network: nn.Module, input_size: int,
                  mean: tuple[float, float, float], std: tuple[float, float, float],
@@ -81,7 +81,8 @@ class TorchFeatureExtractor(FeatureExtractor):
         images_nchw = images_to_nchw(images_nhwc, f"{self.name} input")
         rows = []
         for start in range(0, len(images_nchw), self.batch_size):
-            batch = resize_nchw(images_nchw[start:start + self.batch_size].to(self.device), self.input_size)
+            batch = resize_nchw(images_nchw[start:start + self.batch_size].to(self.device), self.input_size,
+                                antialias=PAPER_DOWNSAMPLE_ANTIALIAS)
             rows.append(self.network((batch - self.mean_c11) / self.std_c11).flatten(1).float().cpu().numpy())
         return np.concatenate(rows)
 

@@ -15,7 +15,8 @@ Definitions follow the official evaluation, MedARC-AI/MindEyeV2 `src/final_evalu
 - Correlation distance (EfficientNet-B1, SwAV): mean over pairs of 1 - Pearson r between the
   flattened features (`scipy.spatial.distance.correlation`). Lower is better.
 
-The paper feeds these functions 256 px images (see `report.evaluate_reconstructions`).
+The paper feeds these functions 256 px images (see `report.evaluate_reconstructions`), so the
+425 px resize only ever upsamples; antialiasing, asked for here, then changes nothing.
 Images are (N, H, W, 3), uint8 or float in [0, 1].
 """
 from __future__ import annotations
@@ -27,6 +28,10 @@ from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
 
 PIXEL_METRIC_SIZE = 425  # px, both sides, for PixCorr and SSIM
+# The official evaluation ran torchvision 0.16, whose tensor Resize did not antialias: its
+# downsamplings (reconstructions to 256 px, 256 px images to the networks' 224/255 px inputs)
+# were aliased. Those resizes here do the same, so scores compare with the paper's.
+PAPER_DOWNSAMPLE_ANTIALIAS = False
 
 
 def images_to_nchw(images_nhwc: np.ndarray, what: str = "images") -> torch.Tensor:
@@ -46,11 +51,11 @@ def images_to_nchw(images_nhwc: np.ndarray, what: str = "images") -> torch.Tenso
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
-def resize_nchw(images_nchw: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize to size x size with antialiasing (a no-op on images already that size)."""
+def resize_nchw(images_nchw: torch.Tensor, size: int, *, antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize to size x size (a no-op on images already that size)."""
     if images_nchw.shape[-2:] == (size, size):
         return images_nchw
-    return F.interpolate(images_nchw, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(images_nchw, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def _check_pairs(recon: np.ndarray, target: np.ndarray) -> None:

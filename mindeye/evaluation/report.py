@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mindeye.evaluation.features import MetricUnavailable, build_feature_extractor
 from mindeye.evaluation.image_metrics import (
+    PAPER_DOWNSAMPLE_ANTIALIAS,
     correlation_distance,
     images_to_nchw,
     pixcorr,
@@ -40,8 +41,8 @@ def evaluate_reconstructions(recon_nhwc: np.ndarray, target_nhwc: np.ndarray, *,
                              device: str = "cpu") -> dict[str, float | None | dict[str, str]]:
     """One Table 1 row for reconstructions and the images that were seen, row i with row i.
 
-    Both sets are first resized to `eval_size` (square, bilinear, antialiased; None keeps them
-    as they are), as the paper does. Retrieval comes from `mindeye.metrics.retrieval_top1`.
+    Both sets are first resized to `eval_size` (square, bilinear, not antialiased; None keeps
+    them as they are), as the paper does. Retrieval comes from `mindeye.metrics.retrieval_top1`.
     The paper's 'enhanced' rows score 0.75 * reconstruction + 0.25 * blurry reconstruction:
     blend before calling this.
     """
@@ -70,7 +71,8 @@ def evaluate_reconstructions(recon_nhwc: np.ndarray, target_nhwc: np.ndarray, *,
 def _at_size(images_nhwc: np.ndarray, size: int | None, what: str) -> np.ndarray:
     if size is None:
         return images_nhwc
-    images_nchw = resize_nchw(images_to_nchw(images_nhwc, what), size).clamp_(0.0, 1.0)  # rounding may pass 1
+    images_nchw = resize_nchw(images_to_nchw(images_nhwc, what), size, antialias=PAPER_DOWNSAMPLE_ANTIALIAS)
+    images_nchw.clamp_(0.0, 1.0)  # float rounding may pass 1 by an ulp
     return images_nchw.permute(0, 2, 3, 1).numpy()
 
 
