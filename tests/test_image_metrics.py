@@ -183,7 +183,7 @@ def imagenet_input(images_nhwc: np.ndarray, size: int) -> torch.Tensor:
 
 def test_alexnet_extractors_load_local_weights_and_read_the_papers_layers(random_alexnet):
     model, weights_dir = random_alexnet
-    images = (smooth_images(3, 64, seed=6) * 255).round().astype(np.uint8)
+    images = (smooth_images(3, 320, seed=6) * 255).round().astype(np.uint8)
     x = imagenet_input(images.astype(np.float32) / 255.0, 256)  # the paper's AlexNet input: 256 px, no crop
     with torch.no_grad():
         conv2_relu, conv5_relu = model.features[:5](x).flatten(1), model.features[:12](x).flatten(1)

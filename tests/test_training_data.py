@@ -92,7 +92,6 @@ def test_pixel_codec_round_trip_is_a_blurred_image():
     np.testing.assert_allclose(codec.decode(torch.from_numpy(latent), image_size=8)[0].permute(1, 2, 0).numpy(),
                                smooth[0, ::8, ::8] / 255.0, atol=1e-6)
     np.testing.assert_allclose(back[4::8, 4::8], smooth[0, 4::8, 4::8] / 255.0, atol=31 / 256 + 1e-6)
-    assert np.abs(back - smooth[0] / 255.0).mean() < 0.05
 
 
 def test_sd_vae_codec_loads_local_weights_or_says_what_is_missing(tmp_path):

@@ -2,16 +2,17 @@
 
 One recipe per Table 1 column, as the official evaluation (MedARC-AI/MindEyeV2
 `src/final_evaluations.ipynb`) builds it: the layer read out, the input size (a plain resize of
-the square 256 px images, no centre crop) and the normalisation.
+the square 256 px images, no centre crop, so AlexNet's features.4 is 192 x 31 x 31) and the
+normalisation (ImageNet's; OpenAI's for CLIP). Features are computed in float32.
 
-| name         | network (weights)                         | output read         | input  | metric   |
-| ------------ | ----------------------------------------- | ------------------- | ------ | -------- |
-| alexnet2     | AlexNet (torchvision IMAGENET1K_V1)        | features.4          | 256 px | two_way  |
-| alexnet5     | AlexNet (torchvision IMAGENET1K_V1)        | features.11         | 256 px | two_way  |
-| inception    | InceptionV3 (torchvision IMAGENET1K_V1)    | avgpool             | 342 px | two_way  |
-| clip         | CLIP ViT-L/14 (OpenAI)                     | image embedding     | 224 px | two_way  |
-| efficientnet | EfficientNet-B1 (torchvision IMAGENET1K_V2) | avgpool            | 255 px | distance |
-| swav         | ResNet-50 (SwAV 800 epochs, FAIR)         | avgpool             | 224 px | distance |
+| name         | network (weights)                           | output read     | input  | metric   |
+| ------------ | ------------------------------------------- | --------------- | ------ | -------- |
+| alexnet2     | AlexNet (torchvision IMAGENET1K_V1)         | features.4      | 256 px | two_way  |
+| alexnet5     | AlexNet (torchvision IMAGENET1K_V1)         | features.11     | 256 px | two_way  |
+| inception    | InceptionV3 (torchvision IMAGENET1K_V1)     | avgpool         | 342 px | two_way  |
+| clip         | CLIP ViT-L/14 (OpenAI)                      | image embedding | 224 px | two_way  |
+| efficientnet | EfficientNet-B1 (torchvision IMAGENET1K_V2) | avgpool         | 255 px | distance |
+| swav         | ResNet-50 (SwAV, 800 epochs)                | avgpool         | 224 px | distance |
 
 Weights are looked up, in order, in `weights_dir`, in the torch hub cache
 (`torch.hub.get_dir()/checkpoints`, where torchvision and `torch.hub` keep them) and, for CLIP, in
