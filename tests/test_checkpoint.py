@@ -12,13 +12,7 @@ from mindeye.models import build_model, load_checkpoint, read_checkpoint_config,
 VOXELS = {"subj01": 40, "subj02": 50}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread, and do not stall when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -15,13 +15,7 @@ TINY_VOXELS = {"subj01": 40, "subj02": 50}
 NSD_SUBJ01 = {"subj01": 15724}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread, and do not stall when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> torch.nn.Module:

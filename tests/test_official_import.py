@@ -20,13 +20,7 @@ SUBJECTS = {"subj01": 40, "subj05": 50}  # official ridge.linears.0 and .1, in t
 HEADS, DIM_HEAD, ROTARY, FF_MULT, DEPTH = 2, 16, 8, 2, 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one intra-op thread, and do not stall when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config():
