@@ -7,8 +7,8 @@ Definitions follow the official evaluation, MedARC-AI/MindEyeV2 `src/final_evalu
 - SSIM: the same 425 px images converted to grey (`skimage.color.rgb2gray`), then
   `skimage.metrics.structural_similarity` with a Gaussian window (sigma 1.5), population
   covariance and data range 1, mean over pairs. The notebook also passes `multichannel=True`;
-  under its pinned scikit-image 0.22 that argument no longer exists and is silently ignored, so
-  the score is plain 2-D SSIM of the grey images, which is what is computed here.
+  scikit-image removed that argument in 0.20 and its pinned 0.22 swallows it unused, so the
+  paper's score is plain 2-D SSIM of the grey images, which is what is computed here.
 - 2-way identification: features flattened per image; reconstruction i scores the fraction of
   the other seen images j for which corr(recon_i, seen_i) > corr(recon_i, seen_j) (strictly;
   ties count as failures); mean over i. Chance is 0.5.
@@ -16,7 +16,7 @@ Definitions follow the official evaluation, MedARC-AI/MindEyeV2 `src/final_evalu
   flattened features (`scipy.spatial.distance.correlation`). Lower is better.
 
 The paper feeds these functions 256 px images (see `report.evaluate_reconstructions`), so the
-425 px resize only ever upsamples; antialiasing, asked for here, then changes nothing.
+425 px resize only ever upsamples, where antialiasing changes nothing.
 Images are (N, H, W, 3), uint8 or float in [0, 1].
 """
 from __future__ import annotations
