@@ -1,0 +1,474 @@
+"""The wire protocol: round trips, every refusal and its reason code, loopback ZeroMQ exchanges,
+CURVE admission, a client written without the library, and no pickle in the package."""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from PIL import Image
+
+import mindeye.protocol
+from mindeye.protocol import (MESSAGE_TYPES, Ack, CurveClient, CurveServer, Envelope, Event, Events, ProtocolError,
+                              Reason, Result, Retrieval, RunEnd, RunStart, Stamper, Verdict, Volume, bound_endpoint,
+                              create_keypair, decode, encode, load_keypair, recv, recv_with_peer, result_publisher,
+                              result_subscriber, send, volume_receiver, volume_sender)
+
+SHAPE = (81, 104, 83)  # NSD subj01, 1.8 mm
+AFFINE = ((1.8, 0.0, 0.0, -72.0), (0.0, 1.8, 0.0, -93.6), (0.0, 0.0, 1.8, -74.7), (0.0, 0.0, 0.0, 1.0))
+TR = 4.0 / 3.0
+LOOPBACK = "tcp://127.0.0.1:*"
+TIMEOUT_MS = 2000  # for messages that must arrive; the tests never wait this long when all is well
+
+
+def _envelope(seq: int = 0) -> Envelope:
+    return Envelope("a1b2c3d4", seq, 1.7e9 + seq)
+
+
+def _volume(index: int = 0, dtype: str = "int16", shape: tuple[int, int, int] = SHAPE) -> Volume:
+    values_xyz = np.random.default_rng(index).normal(0, 300, shape).astype(dtype)
+    return Volume.from_array(values_xyz, session="subj01-nsd01", subject="subj01", run=1, index=index,
+                             acq_time_s=index * TR, tr_s=TR, affine=AFFINE, envelope=_envelope(index))
+
+
+def _png(color: tuple[int, int, int], size: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _result(trial: int = 3, with_images: bool = True) -> Result:
+    return Result("subj01-nsd01", 1, trial, image_id=46002, volume_index=40, embedding_norm=12.5,
+                  top_k=(Retrieval(46002, 0.61), Retrieval(102, 0.47), Retrieval(7, 0.47)),
+                  timings_ms={"receive": 0.2, "glm": 3.1, "decode": 4.0, "generate": 80.5, "end_to_end": 95.0},
+                  flags=("late",), envelope=_envelope(trial),
+                  image_png=_png((200, 30, 30)) if with_images else None,
+                  lowlevel_png=_png((90, 90, 90)) if with_images else None)
+
+
+MESSAGES = {
+    "volume": _volume(5),
+    "volume_float64": _volume(6, "float64", (7, 5, 3)),
+    "run_start": RunStart("subj01-nsd01", "subj01", 1, TR, 226, "int16", SHAPE, AFFINE, _envelope()),
+    "run_start_unknown_length": RunStart("s", "subj01", 2, 2.0, None, "float32", (4, 4, 4), AFFINE, _envelope()),
+    "run_end": RunEnd("subj01-nsd01", 1, 226, _envelope(300)),
+    "events": Events("subj01-nsd01", 1, (Event(0, 12.0, 3.0, 46002, "image"), Event(1, 16.0, 3.0, None, "blank")),
+                     complete=True, envelope=_envelope(1)),
+    "result": _result(),
+    "result_without_images": _result(with_images=False),
+    "result_only_lowlevel": Result("s", 1, 0, None, 9, None, (), {}, ("skipped",), _envelope(), None, _png((1, 2, 3))),
+    "ack": Ack(17, Verdict.ACCEPTED, None, "", _envelope(2)),
+    "ack_rejected": Ack(None, Verdict.REJECTED, Reason.NOT_JSON, "frame 0 is not UTF-8 JSON", _envelope(3)),
+}
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+def test_every_message_type_round_trips(name):
+    message = MESSAGES[name]
+    decoded = decode(encode(message))
+    assert decoded == message
+    assert type(decoded) is type(message)
+    header = json.loads(encode(message)[0])
+    assert header["type"] == message.TYPE and header["protocol_version"] == "1.0"
+    assert header["seq"] == message.envelope.seq
+
+
+def test_volume_bytes_are_viewed_read_only_without_copy():
+    volume = _volume(2)
+    frames = encode(volume)
+    frame_address = np.frombuffer(frames[1], np.uint8).__array_interface__["data"][0]
+    view_xyz = decode(frames).array()
+    assert view_xyz.__array_interface__["data"][0] == frame_address  # the very bytes that arrived
+    assert view_xyz.shape == SHAPE and view_xyz.dtype == np.dtype("<i2")
+    assert not view_xyz.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        view_xyz[0, 0, 0] = 1
+    writable_frame = bytearray(frames[1])  # a received zmq.Frame is writable too
+    assert not decode([frames[0], writable_frame]).array().flags.writeable
+    # C order: element (i, j, k) sits at byte ((i * Y + j) * Z + k) * itemsize
+    i, j, k = 40, 17, 61
+    offset = ((i * SHAPE[1] + j) * SHAPE[2] + k) * 2
+    assert int.from_bytes(frames[1][offset:offset + 2], "little", signed=True) == view_xyz[i, j, k]
+
+
+def test_volume_from_big_endian_array_travels_little_endian():
+    values_xyz = np.arange(24, dtype=">f4").reshape(2, 3, 4) - 5.5
+    volume = Volume.from_array(values_xyz, session="s", subject="x", run=1, index=0, acq_time_s=0.0, tr_s=1.0,
+                               affine=np.eye(4), envelope=_envelope())
+    assert volume.data == values_xyz.astype("<f4").tobytes()
+    np.testing.assert_array_equal(decode(encode(volume)).array(), values_xyz)
+
+
+def test_nan_samples_are_not_a_protocol_error():
+    values_xyz = np.full((3, 3, 3), np.nan, dtype=np.float32)
+    volume = Volume.from_array(values_xyz, session="s", subject="x", run=1, index=0, acq_time_s=0.0, tr_s=1.0,
+                               affine=AFFINE, envelope=_envelope())
+    assert np.isnan(decode(encode(volume)).array()).all()
+
+
+def test_minor_versions_and_unknown_fields_are_accepted_major_versions_are_not():
+    frames = encode(_volume(1))
+    header = json.loads(frames[0])
+    header.update(protocol_version="1.7", field_from_the_future={"x": 1})
+    assert decode([json.dumps(header).encode(), frames[1]]) == _volume(1)
+    header["protocol_version"] = "2.0"
+    with pytest.raises(ProtocolError, match="2.0") as error:
+        decode([json.dumps(header).encode(), frames[1]])
+    assert error.value.code == Reason.UNSUPPORTED_VERSION
+
+
+def _set(path, value):
+    """A header edit: set `header[path[0]][path[1]]...` to value (delete when value is _DELETE)."""
+    def edit(header):
+        target = header
+        for key in path[:-1]:
+            target = target[key]
+        if value is _DELETE:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+    return edit
+
+
+_DELETE = object()
+_TRANSPOSED = [list(column) for column in zip(*AFFINE)]
+
+# (message, header edit, expected code, words the error must contain)
+HEADER_CASES = {
+    "missing_type": ("volume", _set(["type"], _DELETE), Reason.MISSING_FIELD, "'type'"),
+    "unknown_type": ("volume", _set(["type"], "volumes"), Reason.UNKNOWN_TYPE, "'volumes'"),
+    "type_not_string": ("volume", _set(["type"], 3), Reason.WRONG_TYPE, "'type' must be a string"),
+    "bad_version_text": ("volume", _set(["protocol_version"], "one"), Reason.UNSUPPORTED_VERSION, "'one'"),
+    "missing_version": ("volume", _set(["protocol_version"], _DELETE), Reason.MISSING_FIELD, "'protocol_version'"),
+    "missing_tr": ("volume", _set(["tr_s"], _DELETE), Reason.MISSING_FIELD, "volume: field 'tr_s' is missing"),
+    "run_as_string": ("volume", _set(["run"], "1"), Reason.WRONG_TYPE, "'run' must be an integer, got str"),
+    "index_as_float": ("volume", _set(["index"], 3.0), Reason.WRONG_TYPE, "'index' must be an integer, got float"),
+    "index_as_bool": ("volume", _set(["index"], True), Reason.WRONG_TYPE, "'index' must be an integer, got bool"),
+    "negative_index": ("volume", _set(["index"], -1), Reason.BAD_VALUE, "'index' must be >= 0"),
+    "run_zero": ("volume", _set(["run"], 0), Reason.BAD_VALUE, "'run' must be >= 1"),
+    "nan_tr": ("volume", _set(["tr_s"], math.nan), Reason.BAD_VALUE, "'tr_s' must be finite"),
+    "infinite_tr": ("run_start", _set(["tr_s"], math.inf), Reason.BAD_VALUE, "'tr_s' must be finite"),
+    "zero_tr": ("volume", _set(["tr_s"], 0), Reason.BAD_VALUE, "'tr_s' must be > 0.0"),
+    "tr_as_string": ("volume", _set(["tr_s"], "1.33"), Reason.WRONG_TYPE, "'tr_s' must be a number"),
+    "unsafe_session": ("volume", _set(["session"], "../etc"), Reason.BAD_VALUE, "'session' must match"),
+    "missing_sender": ("volume", _set(["sender_id"], _DELETE), Reason.MISSING_FIELD, "'sender_id'"),
+    "negative_seq": ("volume", _set(["seq"], -3), Reason.BAD_VALUE, "'seq' must be >= 0"),
+    "seq_beyond_64_bits": ("volume", _set(["seq"], 2**64), Reason.BAD_VALUE, "fit in 64 bits"),
+    "dtype_int32": ("volume", _set(["dtype"], "int32"), Reason.BAD_DTYPE, "'dtype' must be one of int16"),
+    "dtype_missing": ("run_start", _set(["dtype"], _DELETE), Reason.MISSING_FIELD, "'dtype'"),
+    "shape_2d": ("volume", _set(["shape"], [81, 104]), Reason.BAD_SHAPE, "'shape' must be 3 positive integers"),
+    "shape_zero": ("volume", _set(["shape"], [81, 0, 83]), Reason.BAD_SHAPE, "'shape'"),
+    "shape_float": ("run_start", _set(["shape"], [81, 104, 83.0]), Reason.BAD_SHAPE, "'shape'"),
+    "affine_3x4": ("volume", _set(["affine"], [list(row) for row in AFFINE[:3]]), Reason.BAD_AFFINE, "4x4"),
+    "affine_infinite": ("volume", _set(["affine", 0, 0], math.inf), Reason.BAD_AFFINE, "finite"),
+    "affine_transposed": ("run_start", _set(["affine"], _TRANSPOSED), Reason.BAD_AFFINE, "last row must be"),
+    "n_volumes_zero": ("run_start", _set(["n_volumes"], 0), Reason.BAD_VALUE, "'n_volumes' must be >= 1"),
+    "event_onset_text": ("events", _set(["events", 1, "onset_s"], "16"), Reason.WRONG_TYPE,
+                         "'events[1].onset_s' must be a number"),
+    "event_missing_label": ("events", _set(["events", 0, "label"], _DELETE), Reason.MISSING_FIELD,
+                            "'events[0].label'"),
+    "event_not_object": ("events", _set(["events", 0], 12.0), Reason.WRONG_TYPE, "'events[0]' must be an object"),
+    "event_repeated_trial": ("events", _set(["events", 1, "trial"], 0), Reason.BAD_VALUE, "trials [0]"),
+    "events_complete_missing": ("events", _set(["complete"], _DELETE), Reason.MISSING_FIELD, "'complete'"),
+    "negative_timing": ("result", _set(["timings_ms", "glm"], -1.0), Reason.BAD_VALUE, "'timings_ms.glm'"),
+    "top_k_unsorted": ("result", _set(["top_k", 0, "score"], 0.1), Reason.BAD_VALUE, "best first"),
+    "top_k_image_id_null": ("result", _set(["top_k", 2, "image_id"], None), Reason.WRONG_TYPE,
+                            "'top_k[2].image_id' must be an integer"),
+    "flag_not_string": ("result", _set(["flags", 0], 1), Reason.WRONG_TYPE, "'flags[0]' must be a string"),
+    "frames_unknown_name": ("result", _set(["frames"], ["image_png", "depth_png"]), Reason.BAD_VALUE, "'frames'"),
+    "frames_undeclared": ("result", _set(["frames"], ["image_png"]), Reason.FRAME_COUNT, "1 + 2"),
+    "ack_unknown_verdict": ("ack", _set(["verdict"], "maybe"), Reason.BAD_VALUE, "'verdict'"),
+    "ack_rejected_without_reason": ("ack", _set(["verdict"], "rejected"), Reason.BAD_VALUE, "'reason' must be"),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_CASES)
+def test_malformed_header_is_refused_with_its_reason(case):
+    name, edit, code, words = HEADER_CASES[case]
+    frames = encode(MESSAGES[name])
+    header = json.loads(frames[0])
+    edit(header)
+    with pytest.raises(ProtocolError) as error:
+        decode([json.dumps(header).encode(), *frames[1:]])
+    assert error.value.code == code
+    assert words in str(error.value)
+    if isinstance(header.get("seq"), int):
+        assert error.value.seq == header["seq"]  # so a receiver can say which message it refused
+
+
+VOLUME_FRAMES = encode(_volume(4))
+RESULT_FRAMES = encode(_result())
+# (frames, expected code, words the error must contain)
+FRAME_CASES = {
+    "no_frames": ([], Reason.FRAME_COUNT, "no frames"),
+    "not_utf8": ([b"\xff\xfe{}", VOLUME_FRAMES[1]], Reason.NOT_JSON, "UTF-8"),
+    "not_json": ([b"{'type': 'volume'}", VOLUME_FRAMES[1]], Reason.NOT_JSON, "not UTF-8 JSON"),
+    "json_list": ([b"[1, 2]", VOLUME_FRAMES[1]], Reason.NOT_OBJECT, "got list"),
+    "volume_without_data": (VOLUME_FRAMES[:1], Reason.FRAME_COUNT, "1 + 0"),
+    "volume_extra_frame": ([*VOLUME_FRAMES, b"x"], Reason.FRAME_COUNT, "1 + 2"),
+    "volume_truncated": ([VOLUME_FRAMES[0], VOLUME_FRAMES[1][:-2]], Reason.FRAME_SIZE, "truncated"),
+    "volume_oversized": ([VOLUME_FRAMES[0], VOLUME_FRAMES[1] + b"\0" * 8], Reason.FRAME_SIZE, "oversized"),
+    "run_end_with_payload": ([encode(MESSAGES["run_end"])[0], b"x"], Reason.FRAME_COUNT, "1 + 1"),
+    "result_missing_image": (RESULT_FRAMES[:2], Reason.FRAME_COUNT, "1 + 1"),
+    "result_not_png": ([RESULT_FRAMES[0], b"GIF89a...", RESULT_FRAMES[2]], Reason.BAD_PNG, "frame 1 ('image_png')"),
+}
+
+
+@pytest.mark.parametrize("case", FRAME_CASES)
+def test_malformed_frames_are_refused_with_their_reason(case):
+    frames, code, words = FRAME_CASES[case]
+    with pytest.raises(ProtocolError) as error:
+        decode(frames)
+    assert error.value.code == code
+    assert words in str(error.value)
+
+
+def test_truncated_volume_error_gives_both_sizes():
+    with pytest.raises(ProtocolError) as error:
+        decode([VOLUME_FRAMES[0], VOLUME_FRAMES[1][:1000]])
+    n_expected = math.prod(SHAPE) * 2
+    assert f"1000 bytes, expected {n_expected} (81x104x83 int16)" in str(error.value)
+
+
+@pytest.mark.parametrize("message, code", [
+    (RunStart("s", "x", 1, 2.0, None, "int16", (4, 0, 4), AFFINE, _envelope()), Reason.BAD_SHAPE),
+    (Volume("s", "x", 1, 0, 0.0, 2.0, "int16", (2, 2, 2), AFFINE, b"\0" * 15, _envelope()), Reason.FRAME_SIZE),
+    (RunEnd("s", 1, 10, Envelope("has space", 0, 0.0)), Reason.BAD_VALUE),
+    (Events("s", 1, (Event(0, math.nan, 3.0, None, "x"),), True, _envelope()), Reason.BAD_VALUE),
+    (Result("s", 1, 0, None, 0, 1.0, (), {}, (), _envelope(), image_png=b"not a png"), Reason.BAD_PNG),
+])
+def test_encode_refuses_what_decode_would_refuse(message, code):
+    with pytest.raises(ProtocolError) as error:
+        encode(message)
+    assert error.value.code == code
+
+
+def test_from_array_refuses_unsupported_arrays():
+    common = dict(session="s", subject="x", run=1, index=0, acq_time_s=0.0, tr_s=1.0, affine=AFFINE,
+                  envelope=_envelope())
+    with pytest.raises(ProtocolError, match="int16, uint16, float32, float64, got int32") as error:
+        Volume.from_array(np.zeros((2, 2, 2), np.int32), **common)
+    assert error.value.code == Reason.BAD_DTYPE
+    with pytest.raises(ProtocolError, match=r"3-D \(X, Y, Z\), got shape \(2, 2, 2, 5\)"):
+        Volume.from_array(np.zeros((2, 2, 2, 5), np.int16), **common)
+
+
+def test_stamper_counts_messages_and_a_restart_draws_a_new_id():
+    first = Stamper()
+    envelopes = [first.envelope() for _ in range(3)]
+    assert [e.seq for e in envelopes] == [0, 1, 2]
+    assert len({e.sender_id for e in envelopes}) == 1
+    restarted = Stamper()
+    assert restarted.envelope().seq == 0 and restarted.sender_id != first.sender_id
+
+
+def test_the_examples_in_the_specification_decode():
+    spec = Path(mindeye.protocol.__file__).parents[2] / "docs" / "protocol.md"
+    examples = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", spec.read_text(), re.DOTALL)]
+    assert sorted(e["type"] for e in examples) == sorted(MESSAGE_TYPES)
+    for header in examples:
+        payload = {"volume": [bytes(math.prod(header.get("shape", [])) * 2)],
+                   "result": [_png((0, 0, 0)) for _ in header.get("frames", [])]}.get(header["type"], [])
+        message = decode([json.dumps(header).encode(), *payload])
+        assert message.TYPE == header["type"] and message.envelope.seq == header["seq"]
+
+
+# ---- over real sockets ------------------------------------------------------------------------------
+
+@pytest.fixture
+def context():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def _subscribe_and_warm_up(publisher, subscriber, stamper):
+    """Publish a warm-up result until the subscriber gets one: a SUB misses what precedes its subscription."""
+    for _ in range(100):
+        send(publisher, Result("warmup", 1, 0, None, 0, None, (), {}, (), stamper.envelope()))
+        if subscriber.poll(50):
+            return
+    raise AssertionError("the subscriber never received the warm-up result")
+
+
+def test_loopback_run_of_50_volumes_with_acks_and_a_published_result(context):
+    receiver = volume_receiver(context, LOOPBACK)
+    sender = volume_sender(context, bound_endpoint(receiver))
+    scanner, service = Stamper(), Stamper()
+    shape = SHAPE
+    volumes_txyz = np.random.default_rng(0).integers(-2000, 2000, (50, *shape), dtype=np.int16)
+
+    send(sender, RunStart("subj01-nsd01", "subj01", 1, TR, 50, "int16", shape, AFFINE, scanner.envelope()))
+    for index, volume_xyz in enumerate(volumes_txyz):
+        send(sender, Volume.from_array(volume_xyz, session="subj01-nsd01", subject="subj01", run=1, index=index,
+                                       acq_time_s=index * TR, tr_s=TR, affine=AFFINE, envelope=scanner.envelope()))
+    send(sender, RunEnd("subj01-nsd01", 1, 50, scanner.envelope()))
+
+    received = []
+    for _ in range(52):
+        peer, message = recv_with_peer(receiver, TIMEOUT_MS)
+        received.append(message)
+        send(receiver, Ack(message.envelope.seq, Verdict.ACCEPTED, None, "", service.envelope()), peer=peer)
+    assert recv_with_peer(receiver, 0) is None
+
+    assert [type(m) for m in received] == [RunStart, *[Volume] * 50, RunEnd]
+    assert [m.envelope.seq for m in received] == list(range(52))
+    assert {m.envelope.sender_id for m in received} == {scanner.sender_id}
+    volumes = received[1:51]
+    assert [v.index for v in volumes] == list(range(50))
+    for volume, expected_xyz in zip(volumes, volumes_txyz):
+        np.testing.assert_array_equal(volume.array(), expected_xyz)
+    assert isinstance(volumes[0].data, memoryview) and not volumes[0].array().flags.writeable
+    assert volumes[9].acq_time_s == pytest.approx(9 * TR) and volumes[9].affine == AFFINE
+    assert received[-1].n_volumes == 50
+
+    acks = [recv(sender, TIMEOUT_MS) for _ in range(52)]
+    assert [a.acked_seq for a in acks] == list(range(52))
+    assert {a.verdict for a in acks} == {Verdict.ACCEPTED}
+    assert {a.envelope.sender_id for a in acks} == {service.sender_id}
+
+    publisher = result_publisher(context, LOOPBACK)
+    subscriber = result_subscriber(context, bound_endpoint(publisher))
+    _subscribe_and_warm_up(publisher, subscriber, service)
+    published = [_result(trial) for trial in (0, 1, 2)]
+    for result in published:
+        send(publisher, result)
+    got = []
+    while len(got) < 3:
+        message = recv(subscriber, TIMEOUT_MS)
+        if message.session != "warmup":
+            got.append(message)
+    assert got == published
+    assert bytes(got[1].image_png) == _png((200, 30, 30))
+    assert Image.open(io.BytesIO(bytes(got[1].lowlevel_png))).getpixel((5, 5)) == (90, 90, 90)
+
+
+def test_hand_built_message_without_the_library_is_accepted(context):
+    """What a client in any language does: json + raw little-endian bytes, two frames, a DEALER."""
+    receiver = volume_receiver(context, LOOPBACK)
+    client = context.socket(zmq.DEALER)
+    client.linger = 0
+    client.connect(bound_endpoint(receiver))
+    values_xyz = np.arange(4 * 5 * 6, dtype="<f4").reshape(4, 5, 6) / 7
+    header = {"protocol_version": "1.0", "type": "volume", "sender_id": "matlab-7", "seq": 0,
+              "sent_unix_s": 1700000000.25, "session": "pilot", "subject": "sub-01", "run": 2, "index": 11,
+              "acq_time_s": 22.0, "tr_s": 2, "dtype": "float32", "shape": [4, 5, 6],
+              "affine": [[2, 0, 0, -4], [0, 2, 0, -5], [0, 0, 2, -6], [0, 0, 0, 1]]}
+    client.send_multipart([json.dumps(header).encode("utf-8"), values_xyz.tobytes()])
+
+    peer, volume = recv_with_peer(receiver, TIMEOUT_MS)
+    assert isinstance(volume, Volume) and (volume.session, volume.run, volume.index) == ("pilot", 2, 11)
+    assert volume.tr_s == 2.0 and volume.affine[0] == (2.0, 0.0, 0.0, -4.0)
+    np.testing.assert_array_equal(volume.array(), values_xyz)
+
+    send(receiver, Ack(volume.envelope.seq, Verdict.ACCEPTED, None, "", _envelope()), peer=peer)
+    assert client.poll(TIMEOUT_MS)
+    ack_frames = client.recv_multipart()
+    assert len(ack_frames) == 1
+    ack = json.loads(ack_frames[0])  # and the answer reads back with json alone
+    assert (ack["type"], ack["acked_seq"], ack["verdict"]) == ("ack", 0, "accepted")
+
+
+def test_malformed_message_over_a_router_names_its_peer_for_a_rejecting_ack(context):
+    receiver = volume_receiver(context, LOOPBACK)
+    sender = volume_sender(context, bound_endpoint(receiver))
+    header = json.loads(VOLUME_FRAMES[0])
+    header["seq"] = 41
+    sender.send_multipart([json.dumps(header).encode(), VOLUME_FRAMES[1][:-1]])
+    with pytest.raises(ProtocolError) as error:
+        recv_with_peer(receiver, TIMEOUT_MS)
+    assert error.value.code == Reason.FRAME_SIZE and error.value.seq == 41 and error.value.peer
+    send(receiver, Ack.rejecting(error.value, _envelope()), peer=error.value.peer)
+    ack = recv(sender, TIMEOUT_MS)
+    assert (ack.acked_seq, ack.verdict, ack.reason) == (41, Verdict.REJECTED, "frame_size")
+    assert "truncated" in ack.detail
+
+
+def test_router_needs_a_peer_and_recv_with_peer(context):
+    receiver = volume_receiver(context, LOOPBACK)
+    with pytest.raises(ValueError, match="peer"):
+        send(receiver, MESSAGES["ack"])
+    with pytest.raises(ValueError, match="recv_with_peer"):
+        recv(receiver, 0)
+
+
+# ---- CURVE ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def keys(tmp_path):
+    """Key pairs for the GPU host, an allowed scanner and an unknown host; the GPU host admits the scanner."""
+    paths = {name: create_keypair(tmp_path / name, name) for name in ("gpu", "scanner", "intruder")}
+    allowed = tmp_path / "gpu_allowed_clients"
+    allowed.mkdir()
+    (allowed / "scanner.key").write_bytes(paths["scanner"][0].read_bytes())
+    return paths, allowed
+
+
+@pytest.fixture
+def curve_receiver(keys):
+    paths, allowed = keys
+    context = zmq.Context()
+    server = CurveServer(context, paths["gpu"][1], allowed)
+    receiver = volume_receiver(context, LOOPBACK, curve=server)
+    yield receiver
+    receiver.close()
+    server.stop()
+    context.destroy(linger=0)
+
+
+def test_curve_admits_an_allowed_client(context, keys, curve_receiver):
+    paths, _ = keys
+    client = CurveClient(secret_key_file=paths["scanner"][1], server_public_key_file=paths["gpu"][0])
+    sender = volume_sender(context, bound_endpoint(curve_receiver), curve=client)
+    send(sender, MESSAGES["volume"])
+    _, volume = recv_with_peer(curve_receiver, TIMEOUT_MS)
+    assert volume == MESSAGES["volume"]
+
+
+@pytest.mark.parametrize("intruder", ["unknown_key", "no_curve"])
+def test_curve_refuses_other_clients(context, keys, curve_receiver, intruder):
+    paths, _ = keys
+    curve = (CurveClient(secret_key_file=paths["intruder"][1], server_public_key_file=paths["gpu"][0])
+             if intruder == "unknown_key" else None)
+    sender = volume_sender(context, bound_endpoint(curve_receiver), curve=curve)
+    send(sender, MESSAGES["volume"])
+    assert recv_with_peer(curve_receiver, 1000) is None
+    sender.close(linger=0)  # its undeliverable volume would otherwise hold the context for the sender's linger
+
+
+def test_key_files_are_checked(context, tmp_path, keys):
+    paths, _ = keys
+    public, secret = load_keypair(paths["scanner"][1])
+    assert len(public) == len(secret) == 40  # Z85 of 32-byte Curve25519 keys
+    with pytest.raises(ValueError, match="no secret key"):
+        load_keypair(paths["scanner"][0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no client public keys"):
+        CurveServer(context, paths["gpu"][1], empty)
+
+
+# ---- never pickle -----------------------------------------------------------------------------------
+
+def test_no_pickle_in_the_protocol_package():
+    forbidden_modules = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve"}
+    forbidden_attributes = {"send_pyobj", "recv_pyobj", "send_serialized", "recv_serialized"}
+    package = Path(mindeye.protocol.__file__).parent
+    sources = sorted(package.glob("*.py"))
+    assert {p.name for p in sources} >= {"__init__.py", "messages.py", "transport.py"}
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            where = f"{source.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = {alias.name.split(".")[0] for alias in node.names}
+                names |= {node.module.split(".")[0]} if isinstance(node, ast.ImportFrom) and node.module else set()
+                assert not names & forbidden_modules, f"{where} imports {names & forbidden_modules}"
+            is_forbidden_call = isinstance(node, ast.Attribute) and node.attr in forbidden_attributes
+            assert not is_forbidden_call, f"{where} uses {node.attr}"
+            assert not (isinstance(node, ast.keyword) and node.arg == "allow_pickle"), f"{where} allows pickle"
