@@ -26,8 +26,8 @@ def plot_training_log(records: list[dict[str, Any]], path: str | Path) -> Path:
     if switch and switch[0] > 1:
         for ax in (ax_loss, ax_ret):
             ax.axvline(switch[0] - 0.5, color="grey", linestyle=":", linewidth=1)
-        ax_loss.text(switch[0] - 0.5, 1, " BiMixCo | SoftCLIP", transform=ax_loss.get_xaxis_transform(),
-                     va="top", ha="center", fontsize=8, color="grey")
+        ax_loss.text(switch[0] - 0.5, 0.02, "BiMixCo | SoftCLIP", transform=ax_loss.get_xaxis_transform(),
+                     va="bottom", ha="center", fontsize=8, color="grey")
     ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="training losses (epoch means)")
     ax_loss.legend(fontsize=8)
     for key, label in RETRIEVAL:

@@ -49,7 +49,7 @@ from offline_training.plots import plot_training_log
 MODES = ("pretrain", "finetune", "scratch")
 CALIBRATION_FILE = "calibration.safetensors"
 STATE_DIR, CHECKPOINT_DIR = "train_state", "checkpoint"
-RESUME_IGNORED_KEYS = ("resume", "progress", "train.stop_after_epoch")  # may change between a run and its resume
+RESUME_IGNORED_KEYS = ("out_dir", "resume", "progress", "train.stop_after_epoch")  # may differ on resume
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -99,9 +99,11 @@ class BatchPlan:
         self.sizes, self.batch, self.seed = train_sizes, batch_per_subject, seed
         self.steps_per_epoch = max(train_sizes) // batch_per_subject
         share = batch_per_subject // num_processes
-        n_subjects = len(train_sizes)
-        rows_of = lambda rank: np.concatenate([s * batch_per_subject + rank * share + np.arange(share)  # noqa: E731
-                                               for s in range(n_subjects)])
+
+        def rows_of(rank: int) -> np.ndarray:  # a process's rows: its share of every subject's block
+            return np.concatenate([s * batch_per_subject + rank * share + np.arange(share)
+                                   for s in range(len(train_sizes))])
+
         self.local_rows = torch.from_numpy(rows_of(process_index))  # this process's rows, in canonical order
         gathered = np.concatenate([rows_of(rank) for rank in range(num_processes)])  # rank-major, as all_gather
         self.canonical_from_gathered = torch.from_numpy(np.argsort(gathered))
@@ -116,8 +118,8 @@ class BatchPlan:
 
     def step_rng(self, epoch: int, step: int) -> tuple[np.random.Generator, int]:
         """A numpy generator (mixup) and an integer seed (the prior's torch generator) for one global batch."""
-        sequence = np.random.SeedSequence([self.seed, 1, epoch, step])
-        return np.random.default_rng(sequence), int(sequence.generate_state(1, np.uint32)[0])
+        mixup_seeds, prior_seeds = np.random.SeedSequence([self.seed, 1, epoch, step]).spawn(2)
+        return np.random.default_rng(mixup_seeds), int(prior_seeds.generate_state(1, np.uint32)[0])
 
 
 # --- model ---------------------------------------------------------------------------------------------
@@ -163,7 +165,10 @@ def build_run_model(cfg: DictConfig, subjects: list[SubjectData], token_shape: t
         channels, size, _ = low_level_shape
         return build_model(cfg.model, voxels_per_subject=voxels, clip_tokens=token_shape[0], clip_dim=token_shape[1],
                            low_level={"latent_channels": channels, "latent_size": size})
-    return init_from_pretrained(Path(cfg.init_from), voxels, token_shape, low_level_shape)
+    init_from = Path(cfg.init_from)
+    if (init_from / CHECKPOINT_DIR).is_dir():  # a run folder rather than its checkpoint
+        init_from = init_from / CHECKPOINT_DIR
+    return init_from_pretrained(init_from, voxels, token_shape, low_level_shape)
 
 
 def init_from_pretrained(checkpoint_dir: Path, voxels_per_subject: dict[str, int], token_shape: tuple[int, int],
@@ -231,45 +236,63 @@ def gather_with_grad(x_bk: torch.Tensor, accelerator: Accelerator) -> torch.Tens
     return _GatherWithGrad.apply(x_bk) if accelerator.num_processes > 1 else x_bk
 
 
+@dataclass(frozen=True)
+class GlobalBatch:
+    """One global batch, every row of it (each process holds the whole batch and uses its own rows)."""
+
+    voxels: list[torch.Tensor]  # per subject (batch_per_subject, V_s), mixed during BiMixCo epochs
+    tokens_bnd: torch.Tensor  # (B, L, D) CLIP targets, subject-major
+    low_level_bcss: torch.Tensor  # (B, C, S, S) low-level targets, mixed like the voxels
+    mixup: Mixup | None
+    t_b: torch.Tensor  # (B,) the prior's timesteps
+    noise_bnd: torch.Tensor  # (B, L, D) the prior's noise
+    keep_b: torch.Tensor  # (B,) False where the prior's condition is dropped
+
+
+def make_global_batch(plan: BatchPlan, order: list[np.ndarray], epoch: int, step: int, subjects: list[SubjectData],
+                      targets: TargetTable, train_cfg: DictConfig, prior_config, uses_mixup: bool,
+                      device: torch.device) -> GlobalBatch:
+    """Batch `step` of `epoch` with all its randomness, the same on every process."""
+    b = plan.batch
+    trials = [o[step * b:(step + 1) * b] for o in order]
+    voxels = [torch.from_numpy(s.train_voxels[t]) for s, t in zip(subjects, trials)]
+    tokens_bnd, low_level_bcss = targets.get(np.concatenate([s.train_image_ids[t] for s, t in zip(subjects, trials)]))
+    mixup_rng, prior_seed = plan.step_rng(epoch, step)
+    mixup = sample_mixup([b] * len(subjects), train_cfg.mixup.beta, train_cfg.mixup.prob, mixup_rng) \
+        if uses_mixup else None
+    if mixup is not None:
+        voxels = [mixup.rows(i * b, (i + 1) * b).mix(v) for i, v in enumerate(voxels)]
+        low_level_bcss = mixup.mix(low_level_bcss)  # the blurry target follows the voxels, as the official code
+    generator = torch.Generator(device=device).manual_seed(prior_seed)
+    t_b, noise_bnd, keep_b = draw_prior_noise(len(tokens_bnd), *tokens_bnd.shape[1:], prior_config.timesteps,
+                                              prior_config.cond_drop_prob, generator)
+    return GlobalBatch(voxels, tokens_bnd.to(device), low_level_bcss.to(device), mixup, t_b, noise_bnd, keep_b)
+
+
 def train_epoch(epoch: int, wrapped: nn.Module, optimizer, scheduler, plan: BatchPlan, subjects: list[SubjectData],
                 targets: TargetTable, schedule: ContrastiveSchedule, cfg: DictConfig, prior_config,
                 accelerator: Accelerator) -> dict[str, float]:
     """One pass of `plan.steps_per_epoch` global batches; returns the epoch's mean losses over all processes."""
-    device, train_cfg = accelerator.device, cfg.train
-    weights = train_cfg.loss_weights
+    device, weights = accelerator.device, cfg.train.loss_weights
     order = plan.epoch_order(epoch)
-    uses_mixup, temperature = schedule.uses_mixup(epoch), schedule.temperature(epoch)
-    local_rows = plan.local_rows.to(device)
+    temperature = schedule.temperature(epoch)
+    mine, canonical = plan.local_rows.to(device), plan.canonical_from_gathered.to(device)
     sums = torch.zeros(4, device=device)  # total, prior, contrastive, low-level
     wrapped.train()
-    bar = tqdm(range(plan.steps_per_epoch), desc=f"epoch {epoch + 1}/{train_cfg.epochs}", leave=False,
+    bar = tqdm(range(plan.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                disable=not (cfg.progress and accelerator.is_main_process))
     for step in bar:
-        rng, torch_seed = plan.step_rng(epoch, step)
-        b = plan.batch
-        trials = [o[step * b:(step + 1) * b] for o in order]
-        voxels = [torch.from_numpy(s.train_voxels[t]) for s, t in zip(subjects, trials)]
-        tokens_bnd, low_level_bcss = targets.get(np.concatenate([s.train_image_ids[t]
-                                                                 for s, t in zip(subjects, trials)]))
-        mixup = sample_mixup([b] * len(subjects), train_cfg.mixup.beta, train_cfg.mixup.prob, rng) \
-            if uses_mixup else None
-        if mixup is not None:
-            voxels = [mixup.rows(i * b, (i + 1) * b).mix(v) for i, v in enumerate(voxels)]
-            low_level_bcss = mixup.mix(low_level_bcss)  # the blurry target follows the voxels, as officially
-        generator = torch.Generator(device=device).manual_seed(torch_seed)
-        t_b, noise_bnd, keep_b = draw_prior_noise(len(tokens_bnd), *tokens_bnd.shape[1:], prior_config.timesteps,
-                                                  prior_config.cond_drop_prob, generator)
-        tokens_bnd, low_level_bcss = tokens_bnd.to(device), low_level_bcss.to(device)
-
-        out = wrapped("train", voxels=[(s.name, v[plan.local_block].to(device)) for s, v in zip(subjects, voxels)],
-                      image_bnd=tokens_bnd[local_rows], t_b=t_b[local_rows], noise_bnd=noise_bnd[local_rows],
-                      keep_b=keep_b[local_rows])
-        brain_gk = gather_with_grad(unit_rows(out["retrieval"]), accelerator)[plan.canonical_from_gathered.to(device)]
-        image_gk = unit_rows(tokens_bnd)
-        contrastive = mixco_loss(brain_gk, image_gk, temperature, mixup) if mixup is not None \
+        batch = make_global_batch(plan, order, epoch, step, subjects, targets, cfg.train, prior_config,
+                                  schedule.uses_mixup(epoch), device)
+        my_voxels = [(s.name, v[plan.local_block].to(device)) for s, v in zip(subjects, batch.voxels)]
+        out = wrapped("train", voxels=my_voxels, image_bnd=batch.tokens_bnd[mine], t_b=batch.t_b[mine], noise_bnd=batch.noise_bnd[mine],
+                      keep_b=batch.keep_b[mine])
+        brain_gk = gather_with_grad(unit_rows(out["retrieval"]), accelerator)[canonical]  # the whole batch
+        image_gk = unit_rows(batch.tokens_bnd)
+        contrastive = mixco_loss(brain_gk, image_gk, temperature, batch.mixup) if batch.mixup is not None \
             else soft_clip_loss(brain_gk, image_gk, temperature)
         prior = out["prior_b"].mean()
-        low_level = low_level_loss(out["low_level"], low_level_bcss[local_rows]) \
+        low_level = low_level_loss(out["low_level"], batch.low_level_bcss[mine]) \
             if out["low_level"] is not None else torch.zeros((), device=device)
         total = weights.prior * prior + weights.contrastive * contrastive + weights.low_level * low_level
         if not torch.isfinite(total):
@@ -278,10 +301,11 @@ def train_epoch(epoch: int, wrapped: nn.Module, optimizer, scheduler, plan: Batc
 
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(total)
-        if train_cfg.grad_clip is not None:
-            accelerator.clip_grad_norm_(wrapped.parameters(), train_cfg.grad_clip)
+        if cfg.train.grad_clip is not None:
+            accelerator.clip_grad_norm_(wrapped.parameters(), cfg.train.grad_clip)
         optimizer.step()
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16: a step with overflowing gradients is skipped
+            scheduler.step()
         sums += torch.stack([total, prior, contrastive, low_level]).detach().float()
         bar.set_postfix(loss=f"{total.item():.4f}")
     means = accelerator.reduce(sums / plan.steps_per_epoch, reduction="mean").tolist()
@@ -414,22 +438,21 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"train.eval.every must be an integer >= 1, got {cfg.train.eval.every!r}")
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    flat = {}
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else key)
-        else:
-            flat[prefix] = node
-    walk(config, "")
-    return {k: v for k, v in flat.items() if k not in RESUME_IGNORED_KEYS}
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    return flat
 
 
 def _check_resumable(out_dir: Path, resolved: dict[str, Any]) -> None:
-    saved = OmegaConf.to_container(OmegaConf.load(out_dir / "run_config.yaml"))
-    before, now = _comparable(saved), _comparable(resolved)
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    before = _flatten(OmegaConf.to_container(OmegaConf.load(out_dir / "run_config.yaml")))
+    now = _flatten(resolved)
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if k not in RESUME_IGNORED_KEYS and before.get(k) != now.get(k))
     if changed:
         raise ValueError(f"resume=true with a config that differs from the run in {out_dir} in "
                          f"{[(k, before.get(k), now.get(k)) for k in changed][:8]}")
@@ -438,7 +461,7 @@ def _check_resumable(out_dir: Path, resolved: dict[str, Any]) -> None:
 def train(cfg: DictConfig) -> Path:
     """Run (or resume) one training run as configured; returns out_dir."""
     check_config(cfg)
-    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.train.mixed_precision, split_batches=True)
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.train.mixed_precision)
     out_dir = Path(broadcast_object_list([str(cfg.out_dir)])[0])  # one folder, even if `now` differs
     resolved = OmegaConf.to_container(cfg, resolve=True) | {"out_dir": str(out_dir)}
     state_dir = out_dir / STATE_DIR
@@ -463,13 +486,18 @@ def train(cfg: DictConfig) -> Path:
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     plan = BatchPlan([len(s.train_voxels) for s in subjects], cfg.train.batch_per_subject,
                      accelerator.num_processes, accelerator.process_index, cfg.seed)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it cannot infer this without a DataLoader
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = len(plan.local_rows)
+    wrapped, optimizer = accelerator.prepare(TrainingModule(model), optimizer)
+    # Made after prepare (DeepSpeed may swap the optimizer) and kept out of it (accelerate would step it
+    # once per process per global batch).
     epochs = cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.train.lr, total_steps=epochs * plan.steps_per_epoch,
         pct_start=min(cfg.train.warmup_epochs / epochs, 0.5), final_div_factor=cfg.train.final_div_factor)
+    accelerator.register_for_checkpointing(scheduler)
     schedule = ContrastiveSchedule(epochs, cfg.train.mixup.fraction, cfg.train.mixup.temperature,
                                    cfg.train.softclip.temperature_start, cfg.train.softclip.temperature_end)
-    wrapped, optimizer, scheduler = accelerator.prepare(TrainingModule(model), optimizer, scheduler)
 
     progress: dict[str, Any] = {"epoch": 0, "log": []}
     if cfg.resume:
