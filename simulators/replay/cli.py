@@ -1,0 +1,55 @@
+"""mindeye-replay: stream runs to the realtime service with faults injected (configs/replay.yaml)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mindeye.config import CONFIG_DIR
+from mindeye.nsd import NSDLayout, subject_name
+from mindeye.protocol import CurveClient
+from simulators.replay.faults import Faults
+from simulators.replay.sender import Source, replay
+from simulators.replay.sources import JournalSource, NiftiSource, NSDSource
+
+
+def build_source(cfg: DictConfig) -> Source:
+    """The source `cfg.source` names, from the config's source options."""
+    if cfg.source == "nsd":
+        return NSDSource(NSDLayout(cfg.data_root), cfg.subject, cfg.session, list(cfg.runs), session_id=cfg.session_id,
+                         dtype=cfg.dtype, events_mode=cfg.events_mode, run_gap_s=cfg.run_gap_s)
+    if cfg.source == "nifti":
+        if cfg.nifti is None:
+            raise ValueError("source=nifti needs nifti=PATH (a 4D NIfTI)")
+        return NiftiSource(Path(cfg.nifti), subject_id=cfg.subject_id or subject_name(cfg.subject),
+                           session_id=cfg.session_id, run=cfg.run, tr_s=cfg.tr_s,
+                           events_tsv=None if cfg.events_tsv is None else Path(cfg.events_tsv), dtype=cfg.dtype,
+                           events_mode=cfg.events_mode)
+    if cfg.source == "journal":
+        if cfg.journal is None:
+            raise ValueError("source=journal needs journal=PATH (a session journal)")
+        return JournalSource(Path(cfg.journal))
+    raise ValueError(f"source must be nsd, nifti or journal, got {cfg.source!r}")
+
+
+def build_curve(cfg: DictConfig) -> CurveClient | None:
+    keys = (cfg.curve.secret_key_file, cfg.curve.server_public_key_file)
+    if keys == (None, None):
+        return None
+    if None in keys:
+        raise ValueError("CURVE needs both curve.secret_key_file and curve.server_public_key_file")
+    return CurveClient(Path(keys[0]), Path(keys[1]))
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="replay", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    fault_log = Path(cfg.fault_log or Path(HydraConfig.get().runtime.output_dir) / "faults.jsonl")
+    summary = replay(build_source(cfg), cfg.endpoint, faults=Faults.from_config(cfg.faults), seed=cfg.seed,
+                     speed=cfg.speed, curve=build_curve(cfg), fault_log=fault_log, ack_wait_s=cfg.ack_wait_s)
+    print(summary.format())
+
+
+if __name__ == "__main__":
+    main()
