@@ -9,6 +9,7 @@ which is not part of this stage yet.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from mindeye.config import CONFIG_DIR
 from mindeye.evaluation import evaluate_reconstructions, save_image_grid, write_table
 from mindeye.latents import build_latent_codec
 from mindeye.metrics import RetrievalScore, retrieval_top1
-from mindeye.models import MindEye2, load_checkpoint
+from mindeye.models import MindEyeOutput, load_checkpoint
 from mindeye.nsd import NSDLayout, StimulusBrick
 from offline_training.data import SubjectData, average_by_image, build_targets, load_subject
 
@@ -36,18 +37,20 @@ class TestOutputs:
     low_level: np.ndarray | None  # (n_images, C, S, S)
 
 
+Encoder = Callable[[torch.Tensor, str], MindEyeOutput]
+
+
 @torch.no_grad()
-def predict_test_set(model: MindEye2, data: SubjectData, batch_size: int = 256) -> TestOutputs:
-    was_training = model.training
-    model.eval()
+def predict_test_set(encode: Encoder, data: SubjectData, batch_size: int = 256,
+                     device: torch.device | str = "cpu") -> TestOutputs:
+    """`encode` maps (voxels, subject) to a MindEyeOutput: a MindEye2 in eval mode, or a training wrapper."""
     parts: dict[str, list[np.ndarray]] = {"retrieval": [], "backbone": [], "low": []}
     for start in range(0, len(data.test_voxels), batch_size):
-        out = model(torch.from_numpy(data.test_voxels[start:start + batch_size]), data.name)
-        parts["retrieval"].append(out.retrieval_tokens.float().numpy())
-        parts["backbone"].append(out.backbone_tokens.float().numpy())
+        out = encode(torch.from_numpy(data.test_voxels[start:start + batch_size]).to(device), data.name)
+        parts["retrieval"].append(out.retrieval_tokens.float().cpu().numpy())
+        parts["backbone"].append(out.backbone_tokens.float().cpu().numpy())
         if out.low_level_latent is not None:
-            parts["low"].append(out.low_level_latent.float().numpy())
-    model.train(was_training)
+            parts["low"].append(out.low_level_latent.float().cpu().numpy())
     ids, retrieval = average_by_image(np.concatenate(parts["retrieval"]), data.test_image_ids)
     _, backbone = average_by_image(np.concatenate(parts["backbone"]), data.test_image_ids)
     low = average_by_image(np.concatenate(parts["low"]), data.test_image_ids)[1] if parts["low"] else None

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from mindeye.config import CONFIG_DIR
 from mindeye.metrics import retrieval_top1
 from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_checkpoint
-from offline_training.data import SubjectData, average_by_image, build_targets, load_subject
+from offline_training.data import SubjectData, build_targets, load_subject
+from offline_training.evaluate import predict_test_set
 from offline_training.losses import (ContrastiveSchedule, Mixup, draw_prior_noise, low_level_loss, mixco_loss,
                                      prior_loss_per_row, sample_mixup, soft_clip_loss, unit_rows)
 from offline_training.plots import plot_training_log
@@ -128,7 +129,7 @@ class TrainingModule(nn.Module):
     """The one module accelerate wraps (DDP, FSDP, DeepSpeed): every use of parameters goes through forward.
 
     `forward(task, ...)`: "train" (several subjects' voxels -> retrieval tokens, low-level latents, per-row
-    prior loss), "encode" (one subject -> backbone and retrieval tokens), "prior_loss" and "sample".
+    prior loss), "encode" (one subject -> MindEyeOutput), "prior_loss" and "sample".
     """
 
     def __init__(self, model: MindEye2):
@@ -139,8 +140,7 @@ class TrainingModule(nn.Module):
         if task == "train":
             return self._train(**inputs)
         if task == "encode":
-            out = self.model(inputs["voxels"], inputs["subject"])
-            return out.backbone_tokens, out.retrieval_tokens
+            return self.model(inputs["voxels"], inputs["subject"])
         if task == "prior_loss":
             return prior_loss_per_row(self.model.prior, **inputs)
         if task == "sample":
@@ -320,14 +320,9 @@ def evaluate(wrapped: nn.Module, data: SubjectData, targets: TargetTable, eval_c
     """Test-set retrieval with outputs averaged over each image's repeats, the prior's loss on the averaged
     backbone tokens (fixed noise, always conditioned) and, if `sample`, retrieval of prior-sampled tokens."""
     wrapped.eval()
-    backbone, retrieval = [], []
-    for start in range(0, len(data.test_voxels), eval_cfg.batch_size):
-        voxels = torch.from_numpy(data.test_voxels[start:start + eval_cfg.batch_size]).to(device)
-        backbone_bnd, retrieval_bnd = wrapped("encode", voxels=voxels, subject=data.name)
-        backbone.append(backbone_bnd.float().cpu().numpy())
-        retrieval.append(retrieval_bnd.float().cpu().numpy())
-    image_ids, backbone_ind = average_by_image(np.concatenate(backbone), data.test_image_ids)
-    _, retrieval_ind = average_by_image(np.concatenate(retrieval), data.test_image_ids)
+    outputs = predict_test_set(lambda voxels, subject: wrapped("encode", voxels=voxels, subject=subject), data,
+                               eval_cfg.batch_size, device)
+    image_ids, backbone_ind, retrieval_ind = outputs.image_ids, outputs.backbone_tokens, outputs.retrieval_tokens
     tokens_ind, _ = targets.get(image_ids)
     score = retrieval_top1(retrieval_ind, tokens_ind.numpy(), eval_cfg.pool_size, eval_cfg.repeats, seed)
     result = {"image_top1": score.image_top1, "brain_top1": score.brain_top1, "chance": score.chance}
