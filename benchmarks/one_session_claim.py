@@ -1,0 +1,131 @@
+"""The paper's central claim, measured on the synthetic world: a model pretrained on 7 subjects and
+fine-tuned on one session of subject 8 beats the same model trained from scratch on that session.
+
+For each world SNR (trial-noise setting) the script generates the world, pretrains on subjects 1-7
+(with and without the backbone's residual blocks), then for each seed trains subject 8:
+  finetune      - from the pretrained checkpoint, session 1 only (the "1 hour")
+  scratch       - the same session, no pretraining
+  all sessions  - from scratch on all of subject 8's sessions (the data-rich reference)
+  finetune, no residual blocks - fine-tuned from the pretraining without them (the ablation)
+and reports top-1 test retrieval (image / brain; mean and spread over seeds) from each run's final
+evaluation. Every run is the real command (`python -m offline_training.train ...`), logged in its
+own folder, so any row can be reproduced or inspected (log.jsonl, training.png).
+
+    python benchmarks/one_session_claim.py --world small --seeds 0 1 2            # the issue's benchmark
+    python benchmarks/one_session_claim.py --world tiny --out benchmarks/results/one_session_claim_tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mindeye.config import load_config
+from simulators.world.generate import generate_world
+
+CONDITIONS = ("finetune", "scratch", "all sessions", "finetune, no residual blocks")
+
+
+def run_training(out_dir: Path, overrides: list[str], log) -> dict:
+    """Run one training command (skipped if it already finished) and return its final log record."""
+    log_path = out_dir / "log.jsonl"
+    if not (out_dir / "checkpoint" / "config.json").is_file():
+        command = [sys.executable, "-m", "offline_training.train", f"out_dir={out_dir}", "progress=false", "cpu=true",
+                   *overrides]
+        log(" ".join(command[1:]))
+        start = time.time()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        log(f"  done in {time.time() - start:.0f} s")
+    return json.loads(log_path.read_text().strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", default="small", help="world config (configs/world/<name>.yaml)")
+    parser.add_argument("--trial-noise", type=float, nargs="+", default=[0.75, 1.5, 3.0],
+                        help="world.snr.trial_noise_pct values: the SNR settings compared")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: the train preset's")
+    parser.add_argument("--subject-epochs", type=int, default=None, help="epochs of the subject-8 runs")
+    parser.add_argument("--model", default=None, help="model config (default: the world's name)")
+    parser.add_argument("--data-root", type=Path, default=Path("data/bench"), help="where the worlds go")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/one_session_claim"))
+    args = parser.parse_args()
+    model = args.model or args.world
+    runs_dir = args.out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (args.out / "log.txt").open("a")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    common = [f"model={model}", f"train={args.world}"]
+    results: dict[float, dict[str, list[tuple[float, float]]]] = {}
+    for noise in args.trial_noise:
+        world_cfg = load_config("world_generate", [f"world={args.world}", f"world.snr.trial_noise_pct={noise}"]).world
+        root = args.data_root / f"{args.world}-trialnoise{noise}"
+        log(f"world {args.world}, trial noise {noise} %: {root}")
+        generate_world(world_cfg, root, progress=False)
+        data = [f"data.root={root}"]
+        pre = [*common, *data, "mode=pretrain", "subjects=[1,2,3,4,5,6,7]", "seed=0"]
+        if args.pretrain_epochs:
+            pre.append(f"train.epochs={args.pretrain_epochs}")
+        tag = f"noise{noise}"
+        pretrained = runs_dir / f"{tag}-pretrain"
+        pretrained_flat = runs_dir / f"{tag}-pretrain-noblocks"
+        run_training(pretrained, pre, log)
+        run_training(pretrained_flat, [*pre, "model.residual_blocks=false"], log)
+        subject = [*common, *data, "subjects=[8]", "train.eval.sample_every=0"]
+        if args.subject_epochs:
+            subject.append(f"train.epochs={args.subject_epochs}")
+        scores: dict[str, list[tuple[float, float]]] = {c: [] for c in CONDITIONS}
+        for seed in args.seeds:
+            runs = {
+                "finetune": (f"finetune-s{seed}", ["mode=finetune", "train_sessions=[1]",
+                                                   f"init_from={pretrained / 'checkpoint'}"]),
+                "scratch": (f"scratch-s{seed}", ["mode=scratch", "train_sessions=[1]"]),
+                "all sessions": (f"all-s{seed}", ["mode=scratch", "train_sessions=null"]),
+                "finetune, no residual blocks": (f"finetune-noblocks-s{seed}", [
+                    "mode=finetune", "train_sessions=[1]", f"init_from={pretrained_flat / 'checkpoint'}"]),
+            }
+            for condition, (name, extra) in runs.items():
+                final = run_training(runs_dir / f"{tag}-{name}", [*subject, *extra, f"seed={seed}"], log)
+                scores[condition].append((final["test/image_top1"], final["test/brain_top1"]))
+                chance = final["test/chance"]
+        results[noise] = scores
+        write_table(args, results, chance)
+    log_file.close()
+
+
+def write_table(args, results: dict, chance: float) -> None:
+    header = "| subject 8 trained on | " + " | ".join(
+        f"trial noise {noise} %: image / brain top-1" for noise in results) + " |"
+    lines = [f"# One-session fine-tuning vs scratch, `{args.world}` world", "",
+             f"Test retrieval of subject 8 (top-1, {round(1 / chance)}-way, chance {chance:.1%}); mean +- sd over "
+             f"seeds {args.seeds}. Command: `python benchmarks/one_session_claim.py --world {args.world} "
+             f"--trial-noise {' '.join(map(str, args.trial_noise))} --seeds {' '.join(map(str, args.seeds))}"
+             + (f" --pretrain-epochs {args.pretrain_epochs}" if args.pretrain_epochs else "")
+             + (f" --subject-epochs {args.subject_epochs}" if args.subject_epochs else "") + "`.", "",
+             header, "| --- |" + " --- |" * len(results)]
+    for condition in CONDITIONS:
+        cells = []
+        for scores in results.values():
+            image, brain = np.array(scores[condition]).T * 100
+            cells.append(f"{image.mean():.1f} +- {image.std():.1f} / {brain.mean():.1f} +- {brain.std():.1f}")
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    (args.out / "results.json").write_text(json.dumps(
+        {"world": args.world, "chance": chance, "seeds": args.seeds,
+         "results": {str(k): v for k, v in results.items()}}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
