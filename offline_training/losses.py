@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mindeye.models.prior import DiffusionPrior, cosine_alphas_cumprod
 
 
 def unit_rows(tokens_bnd: torch.Tensor) -> torch.Tensor:
@@ -123,28 +122,3 @@ class ContrastiveSchedule:
 def low_level_loss(predicted_bcss: torch.Tensor, target_bcss: torch.Tensor) -> torch.Tensor:
     """Mean absolute error against the low-level latent (SD-VAE latent, or pixels in the synthetic world)."""
     return F.l1_loss(predicted_bcss.float(), target_bcss.float())
-
-
-def prior_loss_per_row(prior: DiffusionPrior, brain_bnd: torch.Tensor, image_bnd: torch.Tensor, t_b: torch.Tensor,
-                       noise_bnd: torch.Tensor, keep_b: torch.Tensor) -> torch.Tensor:
-    """The prior's diffusion loss with the caller's randomness: MSE per row (b,) between the predicted clean
-    tokens and `image_bnd`, noised to timestep t_b with `noise_bnd`; brain tokens dropped where `keep_b` is False.
-
-    Same definition as `DiffusionPrior.loss`, which draws t, noise and keep itself; training draws them
-    per global batch so that the loss does not depend on how the batch is split across processes.
-    """
-    alpha_bar_b11 = cosine_alphas_cumprod(prior.config.timesteps).to(image_bnd.device, image_bnd.dtype)[t_b]
-    alpha_bar_b11 = alpha_bar_b11[:, None, None]
-    noisy_bnd = alpha_bar_b11.sqrt() * image_bnd + (1 - alpha_bar_b11).sqrt() * noise_bnd
-    predicted_bnd = prior(noisy_bnd, t_b, brain_bnd, keep_b)
-    return (predicted_bnd.float() - image_bnd.float()).pow(2).mean(dim=(1, 2))
-
-
-def draw_prior_noise(batch: int, n_tokens: int, dim: int, timesteps: int, cond_drop_prob: float,
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t (b,), noise (b, n, d), keep (b,)) drawn in `DiffusionPrior.loss`'s order, on the generator's device."""
-    device = generator.device
-    t_b = torch.randint(0, timesteps, (batch,), device=device, generator=generator)
-    noise_bnd = torch.randn((batch, n_tokens, dim), device=device, generator=generator)
-    keep_b = torch.rand(batch, device=device, generator=generator) >= cond_drop_prob
-    return t_b, noise_bnd, keep_b

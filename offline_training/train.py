@@ -41,10 +41,11 @@ from tqdm.auto import tqdm
 from mindeye.config import CONFIG_DIR
 from mindeye.metrics import retrieval_top1
 from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_checkpoint
+from mindeye.models.prior import draw_noise
 from offline_training.data import SubjectData, build_targets, load_subject
 from offline_training.evaluate import predict_test_set
-from offline_training.losses import (ContrastiveSchedule, Mixup, draw_prior_noise, low_level_loss, mixco_loss,
-                                     prior_loss_per_row, sample_mixup, soft_clip_loss, unit_rows)
+from offline_training.losses import (ContrastiveSchedule, Mixup, low_level_loss, mixco_loss, sample_mixup,
+                                     soft_clip_loss, unit_rows)
 from offline_training.plots import plot_training_log
 
 MODES = ("pretrain", "finetune", "scratch")
@@ -142,7 +143,8 @@ class TrainingModule(nn.Module):
         if task == "encode":
             return self.model(inputs["voxels"], inputs["subject"])
         if task == "prior_loss":
-            return prior_loss_per_row(self.model.prior, **inputs)
+            return self.model.prior.loss_per_row(inputs["brain_bnd"], inputs["image_bnd"], inputs["t_b"],
+                                                 inputs["noise_bnd"], inputs["keep_b"])
         if task == "sample":
             return self.model.prior.sample(**inputs)
         raise ValueError(f"unknown task {task!r}")
@@ -154,7 +156,7 @@ class TrainingModule(nn.Module):
         latent_bh, tokens_bnd = self.model.backbone(aligned_bh)
         low_level = self.model.low_level_head(latent_bh) if self.model.low_level_head is not None else None
         return {"retrieval": self.model.retrieval_head(tokens_bnd), "low_level": low_level,
-                "prior_b": prior_loss_per_row(self.model.prior, tokens_bnd, image_bnd, t_b, noise_bnd, keep_b)}
+                "prior_b": self.model.prior.loss_per_row(tokens_bnd, image_bnd, t_b, noise_bnd, keep_b)}
 
 
 def build_run_model(cfg: DictConfig, subjects: list[SubjectData], token_shape: tuple[int, int],
@@ -264,8 +266,8 @@ def make_global_batch(plan: BatchPlan, order: list[np.ndarray], epoch: int, step
         voxels = [mixup.rows(i * b, (i + 1) * b).mix(v) for i, v in enumerate(voxels)]
         low_level_bcss = mixup.mix(low_level_bcss)  # the blurry target follows the voxels, as the official code
     generator = torch.Generator(device=device).manual_seed(prior_seed)
-    t_b, noise_bnd, keep_b = draw_prior_noise(len(tokens_bnd), *tokens_bnd.shape[1:], prior_config.timesteps,
-                                              prior_config.cond_drop_prob, generator)
+    t_b, noise_bnd, keep_b = draw_noise(len(tokens_bnd), *tokens_bnd.shape[1:], prior_config.timesteps,
+                                        prior_config.cond_drop_prob, generator=generator)
     return GlobalBatch(voxels, tokens_bnd.to(device), low_level_bcss.to(device), mixup, t_b, noise_bnd, keep_b)
 
 
@@ -332,7 +334,7 @@ def evaluate(wrapped: nn.Module, data: SubjectData, targets: TargetTable, eval_c
     for start in range(0, len(image_ids), eval_cfg.batch_size):
         brain_bnd = torch.from_numpy(backbone_ind[start:start + eval_cfg.batch_size]).to(device)
         image_bnd = tokens_ind[start:start + eval_cfg.batch_size].to(device)
-        t_b, noise_bnd, keep_b = draw_prior_noise(len(brain_bnd), *brain_bnd.shape[1:], timesteps, 0.0, generator)
+        t_b, noise_bnd, keep_b = draw_noise(len(brain_bnd), *brain_bnd.shape[1:], timesteps, 0.0, generator=generator)
         prior_losses.append(wrapped("prior_loss", brain_bnd=brain_bnd, image_bnd=image_bnd, t_b=t_b,
                                     noise_bnd=noise_bnd, keep_b=keep_b).float().cpu())
         if sample:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mindeye.models import build_model
-from offline_training.losses import (ContrastiveSchedule, Mixup, draw_prior_noise, low_level_loss, mixco_loss,
-                                     prior_loss_per_row, sample_mixup, soft_clip_loss, unit_rows)
+from offline_training.losses import (ContrastiveSchedule, Mixup, low_level_loss, mixco_loss, sample_mixup,
+                                     soft_clip_loss, unit_rows)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,13 +131,3 @@ def test_unit_rows_and_low_level_l1():
     assert low_level_loss(predicted, target).item() == pytest.approx((1.5 + 0.5) / 2)
 
 
-def test_prior_loss_with_its_own_draws_equals_the_model_prior_loss():
-    torch.manual_seed(0)
-    prior = build_model("tiny", voxels_per_subject={"subj01": 10}).prior
-    brain, image = torch.randn(5, 16, 32), torch.randn(5, 16, 32)
-    expected = prior.loss(brain, image, generator=torch.Generator().manual_seed(7))
-    t, noise, keep = draw_prior_noise(5, 16, 32, prior.config.timesteps, prior.config.cond_drop_prob,
-                                      torch.Generator().manual_seed(7))
-    per_row = prior_loss_per_row(prior, brain, image, t, noise, keep)
-    assert per_row.shape == (5,)
-    torch.testing.assert_close(per_row.mean(), expected, rtol=1e-6, atol=1e-7)

@@ -258,3 +258,18 @@ def test_guidance_scale_zero_is_the_unconditional_prediction():
     guided = prior.sample(brain, steps=5, cond_scale=3.0, generator=torch.Generator().manual_seed(0))
     plain = prior.sample(brain, steps=5, cond_scale=1.0, generator=torch.Generator().manual_seed(0))
     assert (guided - plain).abs().max() > 1e-3
+
+
+def test_loss_is_the_mean_of_per_row_losses_with_the_same_draws():
+    """Training draws the prior's randomness per global batch; the per-row loss must be the model's loss."""
+    from mindeye.models.prior import draw_noise
+
+    torch.manual_seed(0)
+    prior = build_model("tiny", voxels_per_subject={"subj01": 10}).prior
+    brain, image = torch.randn(5, 16, 32), torch.randn(5, 16, 32)
+    expected = prior.loss(brain, image, generator=torch.Generator().manual_seed(7))
+    draws = draw_noise(5, 16, 32, prior.config.timesteps, prior.config.cond_drop_prob,
+                       generator=torch.Generator().manual_seed(7))
+    per_row = prior.loss_per_row(brain, image, *draws)
+    assert per_row.shape == (5,)
+    torch.testing.assert_close(per_row.mean(), expected, rtol=1e-6, atol=1e-7)

@@ -112,6 +112,17 @@ class PriorBlock(nn.Module):
         return x_bld + self.ff_out(value * F.silu(gate))
 
 
+def draw_noise(batch: int, n_tokens: int, dim: int, timesteps: int, cond_drop_prob: float, *,
+               generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The randomness of one diffusion-loss evaluation: timestep t (b,), noise (b, n, d) and which rows keep
+    their brain tokens (b,), drawn in that order (on the generator's device unless `device` is given)."""
+    device = device if device is not None else (generator.device if generator is not None else None)
+    t_b = torch.randint(0, timesteps, (batch,), device=device, generator=generator)
+    noise_bnd = torch.randn((batch, n_tokens, dim), device=device, generator=generator)
+    keep_b = torch.rand(batch, device=device, generator=generator) >= cond_drop_prob
+    return t_b, noise_bnd, keep_b
+
+
 class DiffusionPrior(nn.Module):
     """Predicts clean image tokens (b, n, d) from noisy ones, a timestep and brain tokens (b, n, d)."""
 
@@ -156,16 +167,23 @@ class DiffusionPrior(nn.Module):
             tokens_bld = block(tokens_bld, bias_1hlm, cos_lr, sin_lr)
         return self.project_out(self.final_norm(tokens_bld[:, -self.n_tokens:]))
 
+    def loss_per_row(self, brain_tokens: torch.Tensor, image_tokens: torch.Tensor, t_b: torch.Tensor,
+                     noise_bnd: torch.Tensor, keep_b: torch.Tensor) -> torch.Tensor:
+        """MSE per row (b,) between the predicted and true clean tokens, the image tokens noised to t_b with
+        `noise_bnd` and the brain tokens dropped where `keep_b` is False. Training draws the randomness per
+        global batch (`draw_noise`), so the loss does not depend on how a batch is split across processes."""
+        alpha_bar_b11 = cosine_alphas_cumprod(self.config.timesteps).to(image_tokens.device, image_tokens.dtype)[t_b]
+        alpha_bar_b11 = alpha_bar_b11[:, None, None]
+        noisy_bnd = alpha_bar_b11.sqrt() * image_tokens + (1 - alpha_bar_b11).sqrt() * noise_bnd.to(image_tokens)
+        predicted_bnd = self(noisy_bnd, t_b, brain_tokens, keep_b)
+        return (predicted_bnd.float() - image_tokens.float()).pow(2).mean(dim=(1, 2))
+
     def loss(self, brain_tokens: torch.Tensor, image_tokens: torch.Tensor, *,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Diffusion loss: MSE between predicted and true clean image tokens at a random timestep per row."""
-        b, device = image_tokens.shape[0], image_tokens.device
-        t_b = torch.randint(0, self.config.timesteps, (b,), device=device, generator=generator)
-        noise_bnd = torch.randn(image_tokens.shape, device=device, dtype=image_tokens.dtype, generator=generator)
-        alpha_bar_b11 = cosine_alphas_cumprod(self.config.timesteps).to(device, image_tokens.dtype)[t_b][:, None, None]
-        noisy_bnd = alpha_bar_b11.sqrt() * image_tokens + (1 - alpha_bar_b11).sqrt() * noise_bnd
-        keep_b = torch.rand(b, device=device, generator=generator) >= self.config.cond_drop_prob
-        return F.mse_loss(self(noisy_bnd, t_b, brain_tokens, keep_b), image_tokens)
+        noise = draw_noise(len(image_tokens), self.n_tokens, self.dim, self.config.timesteps,
+                           self.config.cond_drop_prob, generator=generator, device=image_tokens.device)
+        return self.loss_per_row(brain_tokens, image_tokens, *noise).mean()
 
     @torch.no_grad()
     def sample(self, brain_tokens: torch.Tensor, steps: int = 20, cond_scale: float = 1.0,
