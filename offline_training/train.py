@@ -34,13 +34,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from omegaconf import DictConfig, OmegaConf
-from safetensors.numpy import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from mindeye.config import CONFIG_DIR
 from mindeye.metrics import retrieval_top1
-from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_checkpoint
+from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_calibration, save_checkpoint
 from mindeye.models.prior import draw_noise
 from offline_training.data import SubjectData, build_targets, load_subject
 from offline_training.evaluate import predict_test_set
@@ -49,7 +48,6 @@ from offline_training.losses import (ContrastiveSchedule, Mixup, low_level_loss,
 from offline_training.plots import plot_training_log
 
 MODES = ("pretrain", "finetune", "scratch")
-CALIBRATION_FILE = "calibration.safetensors"
 STATE_DIR, CHECKPOINT_DIR = "train_state", "checkpoint"
 RESUME_IGNORED_KEYS = ("out_dir", "resume", "progress", "train.stop_after_epoch")  # may differ on resume
 
@@ -384,11 +382,7 @@ def save_model(accelerator: Accelerator, wrapped: nn.Module, out_dir: Path, subj
     model = full_model(accelerator, wrapped)
     if accelerator.is_main_process:
         path = save_checkpoint(model, out_dir / CHECKPOINT_DIR, extra=extra)
-        stats = {}
-        for s in subjects:
-            stats[f"{s.name}.mean"], stats[f"{s.name}.std"] = s.zscore_mean, s.zscore_std
-        save_file(stats, str(path / CALIBRATION_FILE), metadata={"what": "per-voxel z-score statistics of "
-                                                                  "the training sessions' betas"})
+        save_calibration(path, {s.name: (s.zscore_mean, s.zscore_std) for s in subjects})
     accelerator.wait_for_everyone()
 
 

@@ -13,8 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from mindeye.errors import FormatError, MissingFileError
@@ -120,3 +123,39 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+# -- calibration statistics: how each subject's betas were z-scored in training ---------------------------
+
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+def save_calibration(path_dir: str | Path, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """`stats`: subject name -> (mean (V,), std (V,)) of its training betas, beside the model's weights.
+
+    The realtime service z-scores live betas with these, so live and training inputs match.
+    """
+    tensors = {}
+    for subject, (mean_v, std_v) in stats.items():
+        if mean_v.shape != std_v.shape or mean_v.ndim != 1:
+            raise ValueError(f"{subject}: mean {mean_v.shape} and std {std_v.shape} must be equal 1-D shapes")
+        if not (np.isfinite(std_v).all() and (std_v > 0).all()):
+            raise ValueError(f"{subject}: std must be finite and positive")
+        tensors[f"{subject}.mean"] = np.ascontiguousarray(mean_v, dtype=np.float32)
+        tensors[f"{subject}.std"] = np.ascontiguousarray(std_v, dtype=np.float32)
+    path = Path(path_dir) / CALIBRATION_FILE
+    save_numpy(tensors, str(path), metadata={"what": "per-voxel z-score statistics of the training betas"})
+    return path
+
+
+def load_calibration(path_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """subject name -> (mean (V,), std (V,)), as `save_calibration` wrote them."""
+    path = Path(path_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        raise MissingFileError(path, "calibration statistics (per-voxel z-scoring of each subject's betas)")
+    tensors = load_numpy(str(path))
+    subjects = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    missing = [f"{s}.{part}" for s in subjects for part in ("mean", "std") if f"{s}.{part}" not in tensors]
+    if missing:
+        raise FormatError(path, "tensors", "a mean and a std per subject", f"missing {missing}")
+    return {s: (tensors[f"{s}.mean"], tensors[f"{s}.std"]) for s in subjects}
