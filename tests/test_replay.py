@@ -351,7 +351,7 @@ def _run_cli(*arguments: str, timeout: float = 60) -> subprocess.CompletedProces
 def test_cli_help_explains_sources_speed_and_faults():
     result = _run_cli("--help")
     assert result.returncode == 0, result.stderr
-    for phrase in ("mindeye-replay", "source=journal", "speed", "faults: hostile, lossy, none", "fault log",
+    for phrase in ("mindeye-replay", "source=journal", "speed", "faults: none | lossy | hostile", "fault log",
                    "faults.drop.indices"):
         assert phrase in result.stdout, phrase
 

@@ -253,5 +253,5 @@ def test_help_explains_modes_and_examples():
                             capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     for text in ("mindeye-train", "pretrain", "finetune", "scratch", "init_from", "accelerate launch",
-                 "train: paper, paper_pretrain, small, tiny", "batch_per_subject"):
+                 "train: tiny | small | paper | paper_pretrain", "batch_per_subject"):
         assert text in result.stdout, text

@@ -108,7 +108,7 @@ def test_world_json_records_what_made_it(tiny_world):
 def test_world_help_explains_the_command():
     out = subprocess.run([sys.executable, "-m", "simulators.world.generate", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    assert "synthetic NSD world" in out and "world: small, tiny" in out and "overwrite" in out
+    assert "synthetic NSD world" in out and "world: tiny | small" in out and "overwrite" in out
 
 
 def test_demo_command_summarises_and_decodes(tiny_world):
