@@ -16,11 +16,10 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mindeye.config import CONFIG_DIR
 from mindeye.evaluation import evaluate_reconstructions, save_image_grid, write_table
-from mindeye.latents import build_latent_codec
 from mindeye.metrics import RetrievalScore, retrieval_top1
 from mindeye.models import MindEyeOutput, load_checkpoint
 from mindeye.nsd import NSDLayout, StimulusBrick
@@ -84,13 +83,12 @@ def main(cfg: DictConfig) -> None:
     checkpoints = cfg.checkpoints if isinstance(cfg.checkpoints, DictConfig) else {"model": cfg.checkpoints}
     data = load_subject(cfg.data, cfg.subject)
     targets = build_targets(cfg.data)
-    codec = build_latent_codec(OmegaConf.to_container(cfg.data.low_level))
     stimuli = StimulusBrick(NSDLayout(Path(cfg.data.root)).stimuli())
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, grid_rows, grid_labels = {}, [], []
     for name, path in checkpoints.items():
-        row, outputs, blurry = evaluate_checkpoint(Path(path), data, targets, codec, stimuli,
+        row, outputs, blurry = evaluate_checkpoint(Path(path), data, targets, targets.codec, stimuli,
                                                    weights_dir=cfg.weights_dir, seed=cfg.seed)
         rows[f"{name} (blurry)" if blurry is not None else name] = row
         if not grid_rows:

@@ -20,10 +20,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from simulators.world.anatomy import Anatomy
-
-
-def _standardise(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean(0)) / (x.std(0) + 1e-8)
+from simulators.world.stats import standardise
 
 
 def principal_scores(x_nf: np.ndarray, k: int, rng: np.random.Generator, power_iterations: int = 4) -> np.ndarray:
@@ -52,7 +49,7 @@ def shared_code(tokens_nld: np.ndarray, code_cfg, rng: np.random.Generator) -> n
     hidden_2 = np.tanh(hidden_1 @ rng.standard_normal((hidden, hidden)) * 2.0 / np.sqrt(hidden))
     nonlinear_nk = hidden_2 @ rng.standard_normal((hidden, k))
     a = code_cfg.nonlinearity
-    return _standardise((1 - a) * _standardise(pcs_nk @ rotation_kk) + a * _standardise(nonlinear_nk))
+    return standardise((1 - a) * standardise(pcs_nk @ rotation_kk) + a * standardise(nonlinear_nk))
 
 
 @dataclass(frozen=True)

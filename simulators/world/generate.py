@@ -29,6 +29,7 @@ from simulators.world.anatomy import make_anatomy
 from simulators.world.design import make_design, volumes_per_run
 from simulators.world.encoding import shared_code, subject_encoding
 from simulators.world.scanner import run_timeseries
+from simulators.world.stats import rowwise_corr, standardise
 from simulators.world.stimuli import render_stimuli
 
 WORLD_FORMAT_VERSION = 1
@@ -140,8 +141,8 @@ def _generate_subject(cfg, subject: int, design, code_nk, layout: NSDLayout, tru
             session_betas = []
 
     # MindEye2's release: ROI voxels, global trial rows, z-scored per session ("renorm").
-    renorm_nv = np.concatenate([_zscore(glm_betas_nv[trials.session == s]) for s in sessions])
-    write_mindeye_betas(layout.mindeye_betas(subject), renorm_nv)
+    renorm_nv = np.concatenate([standardise(glm_betas_nv[trials.session == s], eps=1e-6) for s in sessions])
+    write_mindeye_betas(layout.mindeye_betas(subject), renorm_nv)  # written as float32
 
     with h5py.File(truth_dir / f"subj{subject:02d}.hdf5", "w") as f:
         f.create_dataset("maps_vk", data=encoding.maps_vk.astype(np.float32))
@@ -156,22 +157,13 @@ def _generate_subject(cfg, subject: int, design, code_nk, layout: NSDLayout, tru
     # (scanner noise, HRF mismatch), and how much of the image-driven response survives (plus trial noise).
     signal_voxels = encoding.gain_v > 0
     noiseless_nv = image_response_nv[row_of_image[trials.image_id]]
-    glm_fidelity = _rowwise_corr(glm_betas_nv[:, signal_voxels].T, trial_response_nv[:, signal_voxels].T)
-    reliability = _rowwise_corr(glm_betas_nv[:, signal_voxels].T, noiseless_nv[:, signal_voxels].T)
+    glm_fidelity = rowwise_corr(glm_betas_nv[:, signal_voxels].T, trial_response_nv[:, signal_voxels].T)
+    reliability = rowwise_corr(glm_betas_nv[:, signal_voxels].T, noiseless_nv[:, signal_voxels].T)
     return {"subject": subject, "grid": list(anatomy.shape), "brain_voxels": brain.n_voxels,
             "roi_voxels": int(anatomy.roi_xyz.sum()), "signal_voxels": int(signal_voxels.sum()),
             "sessions": len(sessions), "trials": len(trials), "test_trials": int(trials.is_test.sum()),
             "beta_vs_trial_response_r": float(np.median(glm_fidelity)),
             "beta_vs_image_response_r": float(np.median(reliability))}
-
-
-def _zscore(x_nv: np.ndarray) -> np.ndarray:
-    return ((x_nv - x_nv.mean(0)) / (x_nv.std(0) + 1e-6)).astype(np.float32)
-
-
-def _rowwise_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="world_generate", version_base="1.3")

@@ -8,7 +8,7 @@ to each image, so it is limited only by how linearly the tokens follow from the 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -16,6 +16,7 @@ import numpy as np
 
 from mindeye.metrics import retrieval_top1
 from mindeye.nsd import ExpDesign, NSDLayout, read_betas, read_roi
+from simulators.world.stats import rowwise_corr, standardise
 
 ALPHAS = np.logspace(-2, 4, 13)  # ridge penalties, relative to the mean eigenvalue of X'X
 
@@ -50,7 +51,7 @@ def ridge_fit(x_nv: np.ndarray, y_nf: np.ndarray, alphas: np.ndarray, x_val: np.
     best = (-np.inf, None, None)
     for alpha in alphas:
         w_vf = eigvec @ (xty_vf / (eigval + alpha * scale)[:, None])
-        score = _mean_row_corr(x_val @ w_vf, y_val)
+        score = float(np.mean(rowwise_corr(x_val @ w_vf, y_val, eps=1e-12)))
         if score > best[0]:
             best = (score, w_vf, float(alpha))
     return best[1], best[2]
@@ -65,7 +66,8 @@ def check_learnability(root: Path, subject: int = 1, seed: int = 0) -> Learnabil
     roi = read_roi(layout.roi(subject))
     trials = design.trials(subject, range(1, n_sessions + 1))
     # Per-session z-scoring, as MindEye2 normalises NSD betas.
-    betas_nv = np.concatenate([_zscore(read_betas(layout.betas(subject, s), roi)) for s in range(1, n_sessions + 1)])
+    betas_nv = np.concatenate([standardise(read_betas(layout.betas(subject, s), roi), eps=1e-6)
+                               for s in range(1, n_sessions + 1)])
     with h5py.File(root / "ground_truth/image_tokens.hdf5", "r") as f:
         tokens_nf = f["tokens"][:].reshape(len(f["tokens"]), -1).astype(np.float64)
     with h5py.File(root / f"ground_truth/subj{subject:02d}.hdf5", "r") as f:
@@ -84,7 +86,7 @@ def check_learnability(root: Path, subject: int = 1, seed: int = 0) -> Learnabil
     score = retrieval_top1(averaged(test_ids) @ w_vf, tokens_nf[test_ids], seed=seed)
 
     truth_of = dict(zip(truth_ids.tolist(), range(len(truth_ids))))
-    truth = _zscore(truth_response)
+    truth = standardise(truth_response, eps=1e-6)
     fit_ids = np.setdiff1d(train_ids, val_ids)
     rows = lambda ids: truth[[truth_of[i] for i in ids]]  # noqa: E731
     w_true, _ = ridge_fit(rows(fit_ids), tokens_nf[fit_ids], ALPHAS, rows(val_ids), tokens_nf[val_ids])
@@ -93,17 +95,3 @@ def check_learnability(root: Path, subject: int = 1, seed: int = 0) -> Learnabil
                               n_test_images=len(test_ids), chance=score.chance, image_top1=score.image_top1,
                               brain_top1=score.brain_top1, ceiling_image_top1=ceiling.image_top1,
                               ceiling_brain_top1=ceiling.brain_top1, alpha=alpha)
-
-
-def _zscore(x_nv: np.ndarray) -> np.ndarray:
-    return (x_nv - x_nv.mean(0)) / (x_nv.std(0) + 1e-6)
-
-
-def _mean_row_corr(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    return float(np.mean((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)))
-
-
-def report_dict(report: LearnabilityReport) -> dict:
-    return asdict(report)
