@@ -3,6 +3,8 @@
 The cache is one hdf5 file per (stimuli, encoder, codec): rows are filled on demand the first
 time an image is asked for, so full NSD (73k images; ~62 GB of bigG tokens in fp16) is only
 ever computed for the images a run uses, and a second run reads what the first computed.
+`build_target_cache(data_cfg)` makes the cache of a dataset config; training, evaluation and
+the realtime retrieval bank all use it.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from mindeye.clip import ClipImageEmbedder
-from mindeye.nsd import StimulusBrick
+from mindeye.clip import ClipImageEmbedder, build_clip_embedder
+from mindeye.errors import MissingFileError
+from mindeye.latents import build_latent_codec
+from mindeye.nsd import NSDLayout, StimulusBrick
 from mindeye.nsd.files import read_rows
 
 CACHE_FORMAT_VERSION = 1
@@ -61,3 +65,21 @@ class TargetCache:
                 f["computed"][ids] = True
             return (read_rows(f["tokens"], image_ids).astype(np.float32),
                     read_rows(f["low_level"], image_ids).astype(np.float32))
+
+
+def target_clip_config(data_cfg):
+    """The CLIP encoder whose tokens are the targets: the config's, or the world's own (`clip: world`)."""
+    if data_cfg.clip != "world":
+        return data_cfg.clip
+    summary = Path(data_cfg.root) / "ground_truth/world.json"
+    if not summary.is_file():
+        raise MissingFileError(summary, "synthetic world summary (data.clip: world reads the world's encoder from it)")
+    return json.loads(summary.read_text())["config"]["clip"]
+
+
+def build_target_cache(data_cfg) -> TargetCache:
+    """The target cache for the dataset's stimuli (`data_cfg.root`): CLIP tokens and low-level latents."""
+    layout = NSDLayout(Path(data_cfg.root))
+    codec_spec = dict(data_cfg.low_level)
+    return TargetCache(StimulusBrick(layout.stimuli()), build_clip_embedder(target_clip_config(data_cfg)),
+                       build_latent_codec(codec_spec), Path(data_cfg.cache_dir), codec_spec)

@@ -103,27 +103,3 @@ def average_by_image(values_n: np.ndarray, image_ids: np.ndarray) -> tuple[np.nd
     return unique, (sums / np.bincount(inverse)[:, None].reshape((-1,) + (1,) * (values_n.ndim - 1))).astype(
         values_n.dtype)
 
-
-def clip_config(data_cfg):
-    """The CLIP encoder whose tokens are the targets: the config's, or the world's own (`clip: world`)."""
-    if data_cfg.clip != "world":
-        return data_cfg.clip
-    import json
-
-    summary = Path(data_cfg.root) / "ground_truth/world.json"
-    if not summary.is_file():
-        raise MissingFileError(summary, "synthetic world summary (data.clip: world reads the world's encoder from it)")
-    return json.loads(summary.read_text())["config"]["clip"]
-
-
-def build_targets(data_cfg):
-    """The target cache for the dataset's stimuli: CLIP tokens and low-level latents."""
-    from mindeye.clip import build_clip_embedder
-    from mindeye.latents import build_latent_codec
-    from mindeye.nsd import StimulusBrick
-    from mindeye.targets import TargetCache
-
-    layout = NSDLayout(Path(data_cfg.root))
-    codec_spec = dict(data_cfg.low_level)
-    return TargetCache(StimulusBrick(layout.stimuli()), build_clip_embedder(clip_config(data_cfg)),
-                       build_latent_codec(codec_spec), Path(data_cfg.cache_dir), codec_spec)

@@ -23,7 +23,8 @@ from mindeye.evaluation import evaluate_reconstructions, save_image_grid, write_
 from mindeye.metrics import RetrievalScore, retrieval_top1
 from mindeye.models import MindEyeOutput, load_checkpoint
 from mindeye.nsd import NSDLayout, StimulusBrick
-from offline_training.data import SubjectData, average_by_image, build_targets, load_subject
+from mindeye.targets import build_target_cache
+from offline_training.data import SubjectData, average_by_image, load_subject
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, sti
 def main(cfg: DictConfig) -> None:
     checkpoints = cfg.checkpoints if isinstance(cfg.checkpoints, DictConfig) else {"model": cfg.checkpoints}
     data = load_subject(cfg.data, cfg.subject)
-    targets = build_targets(cfg.data)
+    targets = build_target_cache(cfg.data)
     stimuli = StimulusBrick(NSDLayout(Path(cfg.data.root)).stimuli())
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,8 @@ from mindeye.config import CONFIG_DIR
 from mindeye.metrics import retrieval_top1
 from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_calibration, save_checkpoint
 from mindeye.models.prior import draw_noise
-from offline_training.data import SubjectData, build_targets, load_subject
+from mindeye.targets import build_target_cache
+from offline_training.data import SubjectData, load_subject
 from offline_training.evaluate import predict_test_set
 from offline_training.losses import (ContrastiveSchedule, Mixup, low_level_loss, mixco_loss, sample_mixup,
                                      soft_clip_loss, unit_rows)
@@ -77,7 +78,7 @@ def load_targets(data_cfg: DictConfig, image_ids: np.ndarray, accelerator: Accel
     ids = np.unique(image_ids)
     for rank in range(accelerator.num_processes):
         if rank == accelerator.process_index:
-            cache = build_targets(data_cfg)
+            cache = build_target_cache(data_cfg)
             tokens, low_level = cache.get(ids, progress=progress and accelerator.is_main_process)
             table = TargetTable(ids, tokens.astype(np.float16), low_level.astype(np.float16))
             shapes = (tuple(cache.token_shape), tuple(cache.low_level_shape))

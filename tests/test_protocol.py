@@ -75,7 +75,7 @@ def test_every_message_type_round_trips(name):
     assert decoded == message
     assert type(decoded) is type(message)
     header = json.loads(encode(message)[0])
-    assert header["type"] == message.TYPE and header["protocol_version"] == "1.0"
+    assert header["type"] == message.TYPE and header["protocol_version"] == "1.1"
     assert header["seq"] == message.envelope.seq
 
 

@@ -11,7 +11,8 @@ from mindeye.errors import MissingFileError
 from mindeye.latents import PixelCodec, build_latent_codec
 from mindeye.nsd import ExpDesign, NSDLayout
 from mindeye.nsd.files import read_rows
-from offline_training.data import average_by_image, build_targets, clip_config, load_subject
+from mindeye.targets import build_target_cache, target_clip_config
+from offline_training.data import average_by_image, load_subject
 
 
 def data_cfg(root, **over):
@@ -54,7 +55,7 @@ def test_bad_requests_are_reported(tiny_world, tmp_path):
     with pytest.raises(ValueError, match="unknown betas source"):
         load_subject(data_cfg(root, betas="csv"), 1)
     with pytest.raises(MissingFileError, match="world summary"):
-        clip_config(data_cfg(tmp_path))
+        target_clip_config(data_cfg(tmp_path))
 
 
 def test_average_by_image_hand_computed():
@@ -66,7 +67,7 @@ def test_average_by_image_hand_computed():
 
 def test_target_cache_matches_ground_truth_and_computes_once(tiny_world, tmp_path):
     root, _, _ = tiny_world
-    targets = build_targets(data_cfg(root, cache_dir=str(tmp_path)))
+    targets = build_target_cache(data_cfg(root, cache_dir=str(tmp_path)))
     assert targets.token_shape == (16, 64) and targets.low_level_shape == (3, 16, 16)
     tokens, low = targets.get(np.array([4, 1, 4]))
     with h5py.File(root / "ground_truth/image_tokens.hdf5") as f:
@@ -75,7 +76,7 @@ def test_target_cache_matches_ground_truth_and_computes_once(tiny_world, tmp_pat
     with h5py.File(targets.path) as f:
         assert f["computed"][:].sum() == 2  # only the two images asked for
     # A second cache object on the same key reads what the first computed.
-    again = build_targets(data_cfg(root, cache_dir=str(tmp_path)))
+    again = build_target_cache(data_cfg(root, cache_dir=str(tmp_path)))
     assert again.path == targets.path
     np.testing.assert_array_equal(again.get(np.array([1]))[0], tokens[1:2])
 

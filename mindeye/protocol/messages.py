@@ -23,12 +23,12 @@ from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 
-PROTOCOL_VERSION = "1.0"  # MAJOR.MINOR: a receiver accepts any minor version of its major
+PROTOCOL_VERSION = "1.1"  # MAJOR.MINOR: a receiver accepts any minor version of its major
 PROTOCOL_MAJOR = 1
 DTYPES = ("int16", "uint16", "float32", "float64")  # volume sample types; little-endian on the wire
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TIMING_STAGES = ("receive", "journal", "glm", "decode", "generate", "publish", "end_to_end")
-RESULT_FLAGS = ("skipped", "merged", "late")
+TIMING_STAGES = ("receive", "journal", "glm", "queue", "decode", "generate", "publish", "end_to_end")
+RESULT_FLAGS = ("skipped", "merged", "late", "recovered")
 # Ids end up in file names (journals, logs): a safe character set rules out paths like "../x".
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VERSION = re.compile(r"(\d+)\.(\d+)")
@@ -60,6 +60,9 @@ class Reason(StrEnum):
     RUN_CLOSED = "run_closed"
     SEQ_REGRESSED = "seq_regressed"
     OUT_OF_ORDER = "out_of_order"
+    UNKNOWN_SUBJECT = "unknown_subject"  # 1.1
+    GEOMETRY_MISMATCH = "geometry_mismatch"  # 1.1
+    BAD_DATA = "bad_data"  # 1.1
 
 
 class ProtocolError(ValueError):

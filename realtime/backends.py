@@ -1,0 +1,255 @@
+"""Decode backends: a batch of live single-trial betas -> image embeddings, top-k retrieval, blurry images.
+
+The service hands each backend raw betas (percent signal change, ROI voxels, (B, V)); the backend
+z-scores them with the calibration statistics saved beside the model (those training applied),
+runs the model and returns a `DecodedBatch`. `TorchBackend` runs the PyTorch model; export
+backends (ONNX, TensorRT) implement the same `DecodeBackend` protocol.
+
+Retrieval compares the retrieval head's tokens with a `RetrievalBank` of candidate images' CLIP
+tokens by cosine similarity of the flattened, unit-normalised tokens, as offline evaluation does.
+
+The prior's starting noise is the only randomness. Each `decode` call seeds its own
+torch.Generator from sha256(seed, subject, the float32 betas), so the same batch gives the same
+tokens whatever was decoded before it; a trial decoded in a different batch gets other noise.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from mindeye.models import MindEye2, load_calibration, load_checkpoint
+from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
+from mindeye.targets import TargetCache
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    embedding_norm_b: np.ndarray  # float32 (B,): L2 norm of the predicted image embedding (see TorchBackend)
+    top_k: list[list[tuple[int, float]]]  # per trial: (image id, cosine score), best first; [] without a bank
+    image_tokens_bld: np.ndarray | None  # float32 (B, L, D) prior-sampled CLIP image tokens; None if prior_steps == 0
+    lowlevel_bhw3: np.ndarray | None  # uint8 (B, H, W, 3) blurry images; None without low-level head or codec
+    decode_ms: float  # wall time: z-scoring, aligner, backbone, heads, prior, retrieval
+    generate_ms: float  # wall time: low-level latents -> pixels
+
+
+@runtime_checkable
+class DecodeBackend(Protocol):
+    name: str
+
+    def subjects(self) -> list[str]: ...
+
+    def n_voxels(self, subject: str) -> int: ...
+
+    def decode(self, subject: str, betas_bv: np.ndarray) -> DecodedBatch:
+        """`betas_bv`: float (B, V) in percent signal change, not z-scored."""
+        ...
+
+
+class RetrievalBank:
+    """Candidate images for live retrieval: their ids and unit-normalised flattened CLIP tokens."""
+
+    def __init__(self, image_ids_n: np.ndarray, tokens_nld: np.ndarray):
+        image_ids_n, tokens_nld = np.asarray(image_ids_n), np.asarray(tokens_nld)
+        if image_ids_n.ndim != 1 or tokens_nld.ndim != 3 or len(image_ids_n) != len(tokens_nld) or not len(image_ids_n):
+            raise ValueError(f"a retrieval bank needs image ids (N,) and tokens (N, L, D) with N >= 1, got ids "
+                             f"{image_ids_n.shape} and tokens {tokens_nld.shape}")
+        n_repeats = len(image_ids_n) - len(np.unique(image_ids_n))
+        if n_repeats:
+            raise ValueError(f"retrieval bank image ids must be unique; {n_repeats} are repeats")
+        if not np.isfinite(tokens_nld).all():
+            raise ValueError(f"retrieval bank tokens hold {int((~np.isfinite(tokens_nld)).sum())} NaN/inf values")
+        self.image_ids = image_ids_n.astype(np.int64)
+        self.token_shape = tuple(tokens_nld.shape[1:])
+        self.unit_tokens_nf = _unit_rows(tokens_nld.reshape(len(tokens_nld), -1))  # float32 (N, L*D)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def top_k(self, predicted_bld: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """Per row of `predicted_bld` (B, L, D): the k (capped at the bank size) most cosine-similar images."""
+        predicted_bld = np.asarray(predicted_bld)
+        if predicted_bld.ndim != 3 or tuple(predicted_bld.shape[1:]) != self.token_shape:
+            raise ValueError(f"predicted tokens must be (B, {', '.join(map(str, self.token_shape))}) like the bank's, "
+                             f"got {predicted_bld.shape}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = min(k, len(self))
+        scores_bn = _unit_rows(predicted_bld.reshape(len(predicted_bld), -1)) @ self.unit_tokens_nf.T
+        best_bk = np.argpartition(-scores_bn, k - 1, axis=1)[:, :k]  # the k best, unordered
+        ranked = []
+        for scores_n, best_k in zip(scores_bn, best_bk):
+            best_k = best_k[np.argsort(-scores_n[best_k], kind="stable")]
+            ranked.append([(int(self.image_ids[i]), float(scores_n[i])) for i in best_k])
+        return ranked
+
+    @classmethod
+    def from_targets(cls, targets: TargetCache, image_ids) -> RetrievalBank:
+        """The bank of `image_ids`, their tokens read from (or computed into) the target cache."""
+        image_ids = np.asarray(image_ids)
+        tokens_nld, _ = targets.get(image_ids)
+        return cls(image_ids, tokens_nld)
+
+
+def candidate_image_ids(data_root: str | Path, which: str) -> np.ndarray:
+    """int64 image ids a live run may see: "shared" (the design's shared images) or "all" (the stimulus brick)."""
+    layout = NSDLayout(Path(data_root))
+    if which == "shared":
+        return ExpDesign.read(layout.expdesign()).shared_images.astype(np.int64)
+    if which == "all":
+        return np.arange(len(StimulusBrick(layout.stimuli())), dtype=np.int64)
+    raise ValueError(f"candidate images must be 'shared' or 'all', got {which!r}")
+
+
+def noise_seed(seed: int, subject: str, betas_bv: np.ndarray) -> int:
+    """The prior's generator seed for one decode call: a hash of the backend seed, the subject and the
+    betas as float32, so it depends on nothing but the call's input."""
+    digest = hashlib.sha256(f"{seed}:{subject}:{betas_bv.shape}:".encode())
+    digest.update(np.ascontiguousarray(betas_bv, dtype=np.float32).tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
+
+
+class TorchBackend:
+    """The PyTorch MindEye2 on one device.
+
+    The predicted image embedding whose norm `DecodedBatch.embedding_norm_b` reports is the prior's
+    sampled tokens, flattened; with `prior_steps=0` the prior is skipped and it is the retrieval
+    head's tokens. The backend takes the model over: it is moved to `device`/`dtype` and set to eval.
+    `codec` is a mindeye.latents codec for the low-level head's latents; `image_size` (pixels) defaults
+    to the codec's own and is required for one without (the pixel codec).
+    """
+
+    name = "torch"
+
+    def __init__(self, model: MindEye2, calibration: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                 bank: RetrievalBank | None, codec=None, image_size: int | None = None, top_k: int = 5,
+                 prior_steps: int = 20, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = torch.device(device), dtype
+        self.bank, self.codec, self.top_k_count, self.prior_steps, self.seed = bank, codec, top_k, prior_steps, seed
+        config = model.config
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not 0 <= prior_steps <= config.prior.timesteps:
+            raise ValueError(f"prior_steps must be in [0, {config.prior.timesteps}] (0 skips the prior), "
+                             f"got {prior_steps}")
+        if bank is not None and bank.token_shape != (config.clip_tokens, config.clip_dim):
+            raise ValueError(f"the retrieval bank's tokens are {bank.token_shape}, the model predicts "
+                             f"{(config.clip_tokens, config.clip_dim)}: the bank is from another CLIP encoder")
+        self.image_size = image_size if image_size is not None else getattr(codec, "image_size", None)
+        if codec is not None and model.low_level_head is not None:
+            self._check_codec(codec)
+        self._zscore = self._calibration_tensors(calibration)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, **kwargs) -> TorchBackend:
+        """The checkpoint's model and calibration statistics (MissingFileError naming the absent file)."""
+        model = load_checkpoint(checkpoint_dir, device=kwargs.get("device", "cpu"))
+        kwargs.setdefault("bank", None)
+        return cls(model, load_calibration(checkpoint_dir), **kwargs)
+
+    def subjects(self) -> list[str]:
+        """Subjects the model has an aligner for and the calibration has statistics for."""
+        return list(self._zscore)
+
+    def n_voxels(self, subject: str) -> int:
+        self._check_subject(subject)
+        return self.model.aligner.voxels_per_subject[subject]
+
+    @torch.inference_mode()
+    def decode(self, subject: str, betas_bv: np.ndarray) -> DecodedBatch:
+        betas_bv = self._checked_betas(subject, betas_bv)
+        start = time.perf_counter()
+        mean_v, std_v = self._zscore[subject]
+        voxels_bv = ((torch.from_numpy(betas_bv).to(self.device) - mean_v) / std_v).to(self.dtype)
+        out = self.model(voxels_bv, subject)
+        retrieval_bld = out.retrieval_tokens.float().cpu().numpy()
+        image_tokens_bld = None
+        if self.prior_steps > 0:
+            generator = torch.Generator(self.device).manual_seed(noise_seed(self.seed, subject, betas_bv))
+            sampled = self.model.prior.sample(out.backbone_tokens, steps=self.prior_steps, generator=generator)
+            image_tokens_bld = sampled.float().cpu().numpy()
+        embedding_bld = image_tokens_bld if image_tokens_bld is not None else retrieval_bld
+        embedding_norm_b = np.linalg.norm(embedding_bld.reshape(len(embedding_bld), -1), axis=1).astype(np.float32)
+        top_k = (self.bank.top_k(retrieval_bld, self.top_k_count) if self.bank is not None
+                 else [[] for _ in range(len(betas_bv))])
+        decoded = time.perf_counter()
+        lowlevel_bhw3 = None
+        if self.codec is not None and out.low_level_latent is not None:
+            pixels_b3hw = self.codec.decode(out.low_level_latent.float().to(self._codec_device()),
+                                            image_size=self.image_size)
+            lowlevel_bhw3 = (pixels_b3hw.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        generated = time.perf_counter()
+        return DecodedBatch(embedding_norm_b, top_k, image_tokens_bld, lowlevel_bhw3,
+                            decode_ms=(decoded - start) * 1e3, generate_ms=(generated - decoded) * 1e3)
+
+    def _check_codec(self, codec) -> None:
+        low = self.model.config.low_level
+        if (codec.channels, codec.latent_size) != (low.latent_channels, low.latent_size):
+            raise ValueError(f"the codec decodes latents of {codec.channels} x {codec.latent_size} x "
+                             f"{codec.latent_size}, the model's low-level head predicts {low.latent_channels} x "
+                             f"{low.latent_size} x {low.latent_size}")
+        if self.image_size is None:
+            raise ValueError(f"image_size is required with a {type(codec).__name__}, "
+                             "which has no image size of its own")
+
+    def _codec_device(self) -> torch.device:
+        """Where the codec computes: its VAE's device, the CPU for the pixel codec."""
+        vae = getattr(self.codec, "vae", None)
+        return next(vae.parameters()).device if vae is not None else torch.device("cpu")
+
+    def _calibration_tensors(self, calibration) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """subject -> (mean (V,), std (V,)) float32 on the device, for the subjects the model also has."""
+        model_voxels = self.model.aligner.voxels_per_subject
+        tensors = {}
+        for subject, (mean_v, std_v) in calibration.items():
+            if subject not in model_voxels:
+                continue  # statistics of a subject this model cannot decode
+            n = model_voxels[subject]
+            if np.shape(mean_v) != (n,) or np.shape(std_v) != (n,):
+                raise ValueError(f"calibration of {subject!r} has mean {np.shape(mean_v)} and std {np.shape(std_v)}; "
+                                 f"the model's aligner for {subject!r} takes {n} voxels")
+            if not (np.isfinite(mean_v).all() and np.isfinite(std_v).all() and (np.asarray(std_v) > 0).all()):
+                raise ValueError(f"calibration of {subject!r}: mean must be finite and std finite and positive")
+            tensors[subject] = tuple(torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+                                     for x in (mean_v, std_v))
+        if not tensors:
+            raise ValueError(f"the calibration has statistics for {sorted(calibration)}, none of the model's subjects "
+                             f"{list(model_voxels)}")
+        return tensors
+
+    def _check_subject(self, subject: str) -> None:
+        if subject in self._zscore:
+            return
+        if subject in self.model.aligner.voxels_per_subject:
+            raise ValueError(f"subject {subject!r} has no calibration statistics; decodable subjects: "
+                             f"{self.subjects()}")
+        raise ValueError(f"unknown subject {subject!r}; decodable subjects: {self.subjects()}")
+
+    def _checked_betas(self, subject: str, betas_bv: np.ndarray) -> np.ndarray:
+        """`betas_bv` as float32 (B, V) after checking the subject, shape and values."""
+        self._check_subject(subject)
+        n = self.model.aligner.voxels_per_subject[subject]
+        betas_bv = np.asarray(betas_bv)
+        if betas_bv.ndim != 2 or betas_bv.shape[0] < 1 or betas_bv.shape[1] != n:
+            raise ValueError(f"betas of {subject!r} must be (B >= 1, {n} voxels), got shape {betas_bv.shape}")
+        if not np.issubdtype(betas_bv.dtype, np.floating):
+            raise ValueError(f"betas must be floating point (percent signal change), got {betas_bv.dtype}")
+        betas_bv = np.ascontiguousarray(betas_bv, dtype=np.float32)
+        bad_b = (~np.isfinite(betas_bv)).sum(axis=1)
+        if bad_b.any():
+            raise ValueError(f"betas of {subject!r} hold {int(bad_b.sum())} NaN/inf values in trials (rows) "
+                             f"{np.flatnonzero(bad_b).tolist()}")
+        return betas_bv
+
+
+def _unit_rows(x_nf: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit L2 norm (all-zero rows stay zero)."""
+    x_nf = x_nf.astype(np.float32)  # a copy, scaled in place: a full-NSD bank is gigabytes
+    x_nf /= np.maximum(np.linalg.norm(x_nf, axis=1, keepdims=True), 1e-12)
+    return x_nf

@@ -1,0 +1,88 @@
+"""mindeye-realtime: build the service from configs/realtime.yaml and run it until Ctrl-C."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from mindeye.config import CONFIG_DIR
+from mindeye.latents import build_latent_codec
+from mindeye.models import read_checkpoint_config
+from mindeye.nsd import NSDLayout, StimulusBrick
+from mindeye.protocol.transport import CurveServer
+from mindeye.targets import build_target_cache
+from realtime.backends import RetrievalBank, TorchBackend, candidate_image_ids
+from realtime.pipeline import SubjectRois
+from realtime.service import RealtimeService, ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_service(cfg: DictConfig, *, context=None, viewer_port: int | None = None) -> RealtimeService:
+    """The service `cfg` (configs/realtime.yaml) describes: backend, ROIs, viewer, sockets' settings."""
+    checkpoint = Path(cfg.checkpoint)
+    model_config, _ = read_checkpoint_config(checkpoint)  # a clear error before anything heavy loads
+    subjects = list(cfg.subjects or model_config.subjects)
+    root = Path(cfg.data.root)
+    stimuli = StimulusBrick(NSDLayout(root).stimuli())
+    targets = build_target_cache(cfg.data)
+    bank = RetrievalBank.from_targets(targets, candidate_image_ids(root, cfg.decode.candidates))
+    torch.set_num_threads(cfg.decode.torch_threads)
+    backend = TorchBackend.from_checkpoint(checkpoint, bank=bank, codec=build_latent_codec(dict(cfg.data.low_level)),
+                                           image_size=stimuli.shape[1], top_k=cfg.decode.top_k,
+                                           prior_steps=cfg.decode.prior_steps, device=cfg.decode.device)
+    viewer = None
+    if cfg.viewer.enabled:
+        from realtime.viewer import LiveViewer
+
+        viewer = LiveViewer(cfg.viewer.host, cfg.viewer.port if viewer_port is None else viewer_port, stimuli=stimuli)
+    curve = None
+    if cfg.curve.secret_key_file or cfg.curve.allowed_clients_dir:
+        if not (cfg.curve.secret_key_file and cfg.curve.allowed_clients_dir):
+            raise ValueError("CURVE needs both curve.secret_key_file and curve.allowed_clients_dir")
+        import zmq
+
+        context = context or zmq.Context.instance()
+        curve = CurveServer(context, cfg.curve.secret_key_file, cfg.curve.allowed_clients_dir)
+    settings = ServiceSettings(out_dir=Path(cfg.out_dir), volumes_endpoint=cfg.endpoints.volumes,
+                               results_endpoint=cfg.endpoints.results, journal_fsync=cfg.journal_fsync,
+                               gap_wait_s=cfg.gap_wait_s, post_s=cfg.glm.post_s, half_life_s=cfg.glm.half_life_s,
+                               max_pending=cfg.decode.max_pending, max_batch=cfg.decode.max_batch,
+                               late_after_ms=cfg.decode.late_after_ms)
+    return RealtimeService(settings, backend, SubjectRois.from_layout(root, subjects), viewer=viewer, context=context,
+                           curve=curve)
+
+
+def log_to(out_dir: Path, level: str) -> None:
+    """Console and out_dir/service.log."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out_dir / "service.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(level)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="realtime", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    log_to(Path(cfg.out_dir), cfg.log_level)
+    service = build_service(cfg)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    if service.viewer is not None:
+        service.viewer.start()
+        log.info("live viewer at %s", service.viewer.url)
+    try:
+        service.run(stop)
+    finally:
+        if service.viewer is not None:
+            service.viewer.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""Per-session latency report of the realtime service.
+
+The service appends one CSV row per published `result` (`LatencyLog`); `write_report` turns that
+file into latency.json (the numbers of `LatencyReport`) and latency.png (per-trial stage times
+and the distribution of end-to-end latency). Stages are those of `mindeye.protocol.TIMING_STAGES`
+(docs/protocol.md, "result"), in ms.
+
+Statistics cover decoded, non-recovered results only: a skipped trial ran only part of the
+pipeline, and a recovered one was re-published from the journal after a restart, so its
+end-to-end time measures the outage, not the service. Both are still counted.
+
+    python -m realtime.latency runs/subj01-nsd01/latency.csv   # or the folder holding it
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mindeye.errors import FormatError, MissingFileError
+from mindeye.protocol import TIMING_STAGES, Result
+
+log = logging.getLogger(__name__)
+
+LATENCY_CSV = "latency.csv"
+REPORT_JSON = "latency.json"
+REPORT_PNG = "latency.png"
+BEFORE_STAGES = ("session", "run", "trial", "image_id", "volume_index", "published_unix_s", "batch_size", "flags")
+AFTER_STAGES = ("top1_image_id", "hit")
+COLUMNS = (*BEFORE_STAGES, *TIMING_STAGES, *AFTER_STAGES)
+PERCENTILES = (50, 90, 95, 99)
+FLAG_SEPARATOR = ";"
+# Bar colours of the stages within end_to_end; a stage added to TIMING_STAGES later gets a grey one.
+STAGE_COLORS = {"receive": "tab:blue", "journal": "tab:cyan", "glm": "tab:green", "queue": "tab:pink",
+                "decode": "tab:purple", "generate": "tab:orange", "publish": "tab:brown"}
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+class LatencyLog:
+    """One CSV row per published result, appended and flushed as they come (a crash loses nothing already written)."""
+
+    def __init__(self, path_csv: Path):
+        """Create `path_csv` with its header, or continue an existing one (a restarted service) whose
+        header is the same; another header is a FormatError. A last line cut short by a crash is dropped."""
+        self.path = Path(path_csv)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        needs_header = _prepare_for_append(self.path)
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        self._unknown_stages: set[str] = set()
+        if needs_header:
+            self._write(COLUMNS)
+
+    def add(self, result: Result, *, published_unix_s: float, batch_size: int | None = None) -> None:
+        """Append `result`'s row; `batch_size` is how many trials were decoded together with it."""
+        for flag in result.flags:
+            if FLAG_SEPARATOR in flag:
+                raise ValueError(f"result flag {flag!r} contains '{FLAG_SEPARATOR}', the CSV's flag separator")
+        unknown = set(result.timings_ms) - set(TIMING_STAGES) - self._unknown_stages
+        if unknown:  # a newer service may time more stages; this table has a fixed set of columns
+            log.warning("latency log %s: stages %s are not in TIMING_STAGES and are not recorded", self.path,
+                        sorted(unknown))
+            self._unknown_stages |= unknown
+        top1 = result.top_k[0].image_id if result.top_k else None
+        hit = "" if top1 is None or result.image_id is None else int(top1 == result.image_id)
+        stage_cells = [_cell(result.timings_ms.get(stage), "{:.4f}") for stage in TIMING_STAGES]
+        self._write([result.session, result.run, result.trial, _cell(result.image_id), result.volume_index,
+                     f"{published_unix_s:.6f}", _cell(batch_size), FLAG_SEPARATOR.join(result.flags),
+                     *stage_cells, _cell(top1), hit])
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> LatencyLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _write(self, cells: Iterable[Any]) -> None:
+        self._writer.writerow(cells)
+        self._file.flush()  # a process crash then loses nothing written; no fsync, which costs ms per result
+
+
+def _cell(value: Any, spec: str = "{}") -> str:
+    return "" if value is None else spec.format(value)
+
+
+def _prepare_for_append(path: Path) -> bool:
+    """Whether `path` needs a header. Checks the header of an existing file, and cuts a last line left
+    without its newline: a crash interrupted that write, and the row is incomplete."""
+    content = path.read_bytes() if path.exists() else b""
+    header = ",".join(COLUMNS).encode()
+    complete = content[:content.rfind(b"\n") + 1]
+    first_line = content.split(b"\n", 1)[0].rstrip(b"\r")
+    if not (first_line == header if complete else header.startswith(content)):
+        raise FormatError(path, "line 1 (header) of a latency log", header.decode(),
+                          first_line[:300].decode("utf-8", errors="replace"))
+    if len(complete) < len(content):
+        log.warning("latency log %s: dropping a last line cut short (%d bytes), likely by a crash", path,
+                    len(content) - len(complete))
+        with open(path, "r+b") as file:
+            file.truncate(len(complete))
+    return not complete
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError
+        return value
+    return parse
+
+
+def _number(minimum: float | None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise ValueError
+        return value
+    return parse
+
+
+def _identifier(text: str) -> str:
+    if not text:
+        raise ValueError
+    return text
+
+
+def _hit(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError
+    return text == "1"
+
+
+def _flags(text: str) -> tuple[str, ...]:
+    return tuple(text.split(FLAG_SEPARATOR)) if text else ()
+
+
+# column -> (parser, what it expects, whether the cell may be empty -> None)
+_PARSERS: dict[str, tuple[Callable[[str], Any], str, bool]] = {
+    "session": (_identifier, "a session id", False),
+    "run": (_integer(1), "an integer >= 1", False),
+    "trial": (_integer(0), "an integer >= 0", False),
+    "image_id": (_integer(0), "an integer >= 0 or empty", True),
+    "volume_index": (_integer(0), "an integer >= 0", False),
+    "published_unix_s": (_number(None), "a finite number (unix seconds)", False),
+    "batch_size": (_integer(1), "an integer >= 1 or empty", True),
+    "flags": (_flags, "flags joined by ';'", False),
+    **{stage: (_number(0.0), "a number of ms >= 0 or empty", True) for stage in TIMING_STAGES},
+    "top1_image_id": (_integer(0), "an integer >= 0 or empty", True),
+    "hit": (_hit, "1, 0 or empty", True),
+}
+
+
+def read_latency_csv(path: str | Path) -> list[dict]:
+    """The rows of a latency log, in publication order, as dicts keyed by `COLUMNS`: ints, floats
+    (stages in ms), a tuple of flags, a bool `hit`; None for empty cells. FormatError names the
+    line and column of the first bad cell."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "latency log", f"the service writes {LATENCY_CSV} in its session folder")
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.reader(file)
+        header = next(reader, None)
+        if header != list(COLUMNS):
+            raise FormatError(path, "line 1 (header) of a latency log", ",".join(COLUMNS),
+                              "an empty file" if header is None else ",".join(header)[:300])
+        rows = []
+        for cells in reader:
+            if not cells:  # a blank line, e.g. from editing by hand
+                continue
+            if len(cells) != len(COLUMNS):
+                raise FormatError(path, f"line {reader.line_num}", f"{len(COLUMNS)} comma-separated cells",
+                                  f"{len(cells)}")
+            rows.append({column: _parse_cell(path, reader.line_num, column, text)
+                         for column, text in zip(COLUMNS, cells)})
+    return rows
+
+
+def _parse_cell(path: Path, line: int, column: str, text: str) -> Any:
+    parse, expected, may_be_empty = _PARSERS[column]
+    if text == "" and may_be_empty:
+        return None
+    try:
+        return parse(text)
+    except ValueError:
+        raise FormatError(path, f"line {line}, column '{column}'", expected, repr(text[:60])) from None
+
+
+# ---- summary ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LatencyReport:
+    """Counts of a session's results and per-stage latency statistics (ms) over decoded, non-recovered ones."""
+
+    n_results: int
+    n_decoded: int  # not skipped (recovered ones included)
+    n_skipped: int
+    n_late: int
+    n_recovered: int
+    stages: dict[str, dict[str, float]]  # stage -> {"n", "mean", "p50", "p90", "p95", "p99", "max"}, stage order
+    top1_hit_rate: float | None  # over results with both image_id and a top-1
+
+    def format(self) -> str:
+        """A table for the terminal."""
+        hit_rate = "n/a" if self.top1_hit_rate is None else f"{100 * self.top1_hit_rate:.1f} %"
+        lines = [f"{self.n_results} results: {self.n_decoded} decoded, {self.n_skipped} skipped, "
+                 f"{self.n_late} late, {self.n_recovered} recovered; top-1 hit rate {hit_rate}",
+                 "stage statistics over decoded, non-recovered results, in ms:"]
+        statistics = ["mean", *(f"p{q}" for q in PERCENTILES), "max"]
+        lines.append(f"{'stage':<12}{'n':>6}" + "".join(f"{name:>10}" for name in statistics))
+        for stage, values in self.stages.items():
+            lines.append(f"{stage:<12}{values['n']:>6}" + "".join(f"{values[name]:>10.2f}" for name in statistics))
+        if not self.stages:
+            lines.append("(no decoded, non-recovered result)")
+        return "\n".join(lines)
+
+
+def _is_measured(row: dict) -> bool:
+    """Whether a row's timings describe the live pipeline: decoded, and not re-published after a restart."""
+    return "skipped" not in row["flags"] and "recovered" not in row["flags"]
+
+
+def summarize(rows: list[dict]) -> LatencyReport:
+    """The report of rows as `read_latency_csv` returns them."""
+    measured = [row for row in rows if _is_measured(row)]
+    stages = {}
+    for stage in TIMING_STAGES:
+        values_ms = np.array([row[stage] for row in measured if row[stage] is not None], dtype=np.float64)
+        if values_ms.size == 0:
+            continue
+        percentiles = np.percentile(values_ms, PERCENTILES)  # numpy's default linear interpolation
+        stages[stage] = {"n": int(values_ms.size), "mean": float(values_ms.mean()),
+                         **{f"p{q}": float(p) for q, p in zip(PERCENTILES, percentiles)},
+                         "max": float(values_ms.max())}
+    hits = [row["hit"] for row in rows if row["hit"] is not None]
+    return LatencyReport(
+        n_results=len(rows),
+        n_decoded=sum("skipped" not in row["flags"] for row in rows),
+        n_skipped=sum("skipped" in row["flags"] for row in rows),
+        n_late=sum("late" in row["flags"] for row in rows),
+        n_recovered=sum("recovered" in row["flags"] for row in rows),
+        stages=stages,
+        top1_hit_rate=sum(hits) / len(hits) if hits else None)
+
+
+def write_report(path_csv: str | Path, out_dir: str | Path | None = None) -> LatencyReport:
+    """Write latency.json (the report) and latency.png (the plot) next to `path_csv`, or in `out_dir`."""
+    path_csv = Path(path_csv)
+    out_dir = path_csv.parent if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = read_latency_csv(path_csv)
+    report = summarize(rows)
+    (out_dir / REPORT_JSON).write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+    sessions = ", ".join(dict.fromkeys(row["session"] for row in rows)) or path_csv.name
+    _plot(rows, report, out_dir / REPORT_PNG, title=f"latency of {sessions}")
+    return report
+
+
+# ---- plot ---------------------------------------------------------------------------------------------
+
+def _plot(rows: list[dict], report: LatencyReport, path_png: Path, title: str) -> None:
+    """Top: stacked stage times per result in publication order, end-to-end over them; bottom: the CDF
+    of end-to-end latency with its percentiles."""
+    # Imported here: the service imports this module for LatencyLog and never plots.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(13, 8.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    per_trial, distribution = figure.subplots(2, 1, height_ratios=(3, 2))
+    figure.suptitle(f"{title}: {report.n_results} results, {report.n_skipped} skipped, {report.n_late} late, "
+                    f"{report.n_recovered} recovered", fontsize=13)
+    _plot_per_trial(per_trial, rows, report)
+    _plot_distribution(distribution, rows, report)
+    figure.savefig(path_png)
+
+
+def _plot_per_trial(axes: Any, rows: list[dict], report: LatencyReport) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_title("stage times per trial (stacked) and end-to-end latency")
+    axes.set_xlabel("result, in publication order")
+    axes.set_ylabel("time (ms)")
+    if not rows:
+        axes.text(0.5, 0.5, "no result logged", ha="center", transform=axes.transAxes)
+        return
+    order = np.arange(len(rows))
+    measured = np.array([_is_measured(row) for row in rows], dtype=bool)
+    bottom_ms = np.zeros(len(rows))
+    stage_bars = []
+    for stage in TIMING_STAGES[:-1]:  # every stage but end_to_end, which spans them
+        stage_ms = np.array([row[stage] or 0.0 for row in rows]) * measured
+        if stage in report.stages:
+            stage_bars.append(axes.bar(order, stage_ms, bottom=bottom_ms, width=1.0 if len(rows) > 60 else 0.8,
+                                       linewidth=0, color=STAGE_COLORS.get(stage, "lightgray"),
+                                       label=f"{stage} (mean {report.stages[stage]['mean']:.3g} ms)"))
+        bottom_ms += stage_ms
+    end_to_end_ms = np.array([np.nan if row["end_to_end"] is None or not m else row["end_to_end"]
+                              for row, m in zip(rows, measured)])
+    markers = axes.plot(order, end_to_end_ms, color="black", linewidth=1.0, marker="o", markersize=2.5,
+                        label="end_to_end")
+    late = np.array(["late" in row["flags"] for row in rows], dtype=bool) & measured
+    if late.any():
+        markers += axes.plot(order[late], end_to_end_ms[late], linestyle="none", marker="o", markersize=7,
+                             markerfacecolor="none", markeredgecolor="tab:red", label="late")
+    # Results without live timings are marked on the axis, so they do not stretch its scale.
+    for flag, marker, color in (("skipped", "x", "tab:red"), ("recovered", "s", "dimgray")):
+        flagged = order[np.array([flag in row["flags"] for row in rows], dtype=bool)]
+        if flagged.size:
+            markers += axes.plot(flagged, np.zeros(flagged.size), linestyle="none", marker=marker, color=color,
+                                 markersize=7, clip_on=False, label=f"{flag} (not timed)")
+    _mark_runs(axes, rows)
+    axes.set_xlim(-0.5, len(rows) - 0.5)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylim(bottom=0)
+    handles = markers + stage_bars[::-1]  # stages listed top to bottom, as they are stacked
+    axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=9, frameon=False)
+    axes.grid(axis="y", alpha=0.3)
+
+
+def _mark_runs(axes: Any, rows: list[dict]) -> None:
+    """A dotted line where the run changes, labelled with the run number at the top."""
+    starts = [i for i, row in enumerate(rows) if i == 0 or (row["session"], row["run"]) != (rows[i - 1]["session"],
+                                                                                               rows[i - 1]["run"])]
+    for i in starts:
+        if i > 0:
+            axes.axvline(i - 0.5, color="gray", linestyle=":", linewidth=1)
+        axes.annotate(f"run {rows[i]['run']}", (i - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                      xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color="dimgray")
+
+
+def _plot_distribution(axes: Any, rows: list[dict], report: LatencyReport) -> None:
+    end_to_end_ms = np.sort([row["end_to_end"] for row in rows if _is_measured(row) and row["end_to_end"] is not None])
+    axes.set_title("end-to-end latency: empirical CDF over decoded, non-recovered results")
+    axes.set_xlabel("end-to-end latency (ms)")
+    axes.set_ylabel("fraction of results")
+    if end_to_end_ms.size == 0:
+        axes.text(0.5, 0.5, "no decoded, non-recovered result with an end-to-end time", ha="center",
+                  transform=axes.transAxes)
+        return
+    fraction = np.arange(1, end_to_end_ms.size + 1) / end_to_end_ms.size
+    axes.step(end_to_end_ms, fraction, where="post", color="black", linewidth=1.5, label="CDF")
+    statistics = report.stages["end_to_end"]
+    for q, color in zip((50, 95, 99), ("tab:green", "tab:orange", "tab:red")):
+        axes.axvline(statistics[f"p{q}"], color=color, linestyle="--", linewidth=1.2,
+                     label=f"p{q} = {statistics[f'p{q}']:.1f} ms")
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=9, frameon=False)
+    axes.grid(alpha=0.3)
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m realtime.latency",
+        description="Summarize the realtime service's per-result latency log: write latency.json (counts and "
+                    "per-stage mean/p50/p90/p95/p99/max in ms over decoded, non-recovered results) and latency.png "
+                    "(stage times per trial, CDF of end-to-end latency), then print the table.",
+        epilog="Skipped results (not decoded: the decode queue overflowed) and recovered ones (re-published from "
+               "the journal after a restart, so their times measure the outage) are counted but not timed.")
+    parser.add_argument("path", type=Path, help=f"a {LATENCY_CSV} written by the service, or the folder holding one")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="folder for latency.json and latency.png (default: the CSV's folder)")
+    args = parser.parse_args(argv)
+    path_csv = args.path / LATENCY_CSV if args.path.is_dir() else args.path
+    try:
+        report = write_report(path_csv, args.out)
+    except (MissingFileError, FormatError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(report.format())
+    print(f"wrote {(args.out or path_csv.parent) / REPORT_JSON} and {(args.out or path_csv.parent) / REPORT_PNG}")
+
+
+if __name__ == "__main__":
+    main()

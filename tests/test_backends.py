@@ -1,0 +1,185 @@
+"""The realtime decode backend: z-scoring with the saved calibration, the model's outputs, retrieval, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mindeye.errors import MissingFileError
+from mindeye.latents import PixelCodec
+from mindeye.models import build_model, save_calibration, save_checkpoint
+from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
+from mindeye.targets import build_target_cache
+from realtime.backends import DecodeBackend, RetrievalBank, TorchBackend, candidate_image_ids, noise_seed
+
+VOXELS = {"subj01": 40, "subj02": 50}
+TOKENS, DIM = 16, 32  # the tiny config's CLIP token shape
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny model whose low-level head predicts pixel-codec latents (3 x 8 x 8), saved with calibration."""
+    torch.manual_seed(0)
+    model = build_model("tiny", voxels_per_subject=VOXELS, low_level={"latent_channels": 3}).eval()
+    rng = np.random.default_rng(1)
+    calibration = {name: (rng.normal(2.0, 1.0, n).astype(np.float32), rng.uniform(0.5, 3.0, n).astype(np.float32))
+                   for name, n in VOXELS.items()}
+    save_checkpoint(model, tmp_path / "ckpt")
+    save_calibration(tmp_path / "ckpt", calibration)
+    return tmp_path / "ckpt", model, calibration
+
+
+@pytest.fixture
+def bank():
+    rng = np.random.default_rng(2)
+    return RetrievalBank(np.arange(100, 112), rng.normal(size=(12, TOKENS, DIM)).astype(np.float32))
+
+
+def betas(n_trials: int, n_voxels: int, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).normal(2.0, 2.0, (n_trials, n_voxels)).astype(np.float32)
+
+
+def direct_outputs(model, calibration, subject, betas_bv):
+    """What the model gives for betas z-scored by hand."""
+    mean_v, std_v = calibration[subject]
+    with torch.no_grad():
+        return model(torch.from_numpy((betas_bv - mean_v) / std_v), subject)
+
+
+def test_decoded_batch_shapes_and_dtypes(checkpoint, bank):
+    path, _, _ = checkpoint
+    backend = TorchBackend.from_checkpoint(path, bank=bank, codec=PixelCodec(8), image_size=24, prior_steps=4)
+    assert isinstance(backend, DecodeBackend)
+    assert backend.subjects() == ["subj01", "subj02"] and backend.n_voxels("subj02") == 50
+    out = backend.decode("subj02", betas(3, 50))
+    assert out.embedding_norm_b.shape == (3,) and out.embedding_norm_b.dtype == np.float32
+    assert out.image_tokens_bld.shape == (3, TOKENS, DIM) and out.image_tokens_bld.dtype == np.float32
+    assert out.lowlevel_bhw3.shape == (3, 24, 24, 3) and out.lowlevel_bhw3.dtype == np.uint8
+    assert [len(row) for row in out.top_k] == [5, 5, 5]
+    assert all(isinstance(i, int) and isinstance(s, float) for row in out.top_k for i, s in row)
+    assert out.decode_ms > 0 and out.generate_ms > 0
+    np.testing.assert_allclose(out.embedding_norm_b, np.linalg.norm(out.image_tokens_bld.reshape(3, -1), axis=1),
+                               rtol=1e-5)
+
+
+def test_outputs_equal_the_model_on_hand_z_scored_betas(checkpoint, bank):
+    path, model, calibration = checkpoint
+    backend = TorchBackend.from_checkpoint(path, bank=bank, codec=PixelCodec(8), image_size=16, top_k=12,
+                                           prior_steps=3, seed=7)
+    b = betas(4, 40)
+    out = backend.decode("subj01", b)
+    direct = direct_outputs(model, calibration, "subj01", b)
+    # Retrieval: the cosine of the hand-computed retrieval tokens with every bank image, ranked.
+    predicted = direct.retrieval_tokens.numpy().reshape(4, -1)
+    cosine = (predicted / np.linalg.norm(predicted, axis=1, keepdims=True)) @ bank.unit_tokens_nf.T
+    for row, cos_n in zip(out.top_k, cosine):
+        order = np.argsort(-cos_n)
+        assert [i for i, _ in row] == (bank.image_ids[order]).tolist()
+        np.testing.assert_allclose([s for _, s in row], cos_n[order], atol=1e-5)
+    # Prior: the same tokens from the same starting noise.
+    generator = torch.Generator().manual_seed(noise_seed(7, "subj01", b))
+    expected = model.prior.sample(direct.backbone_tokens, steps=3, generator=generator)
+    np.testing.assert_allclose(out.image_tokens_bld, expected.numpy(), atol=1e-5)
+    # Low level: the head's latent decoded by the codec, as uint8 pixels.
+    pixels = PixelCodec(8).decode(direct.low_level_latent, image_size=16).permute(0, 2, 3, 1).numpy()
+    assert np.abs(out.lowlevel_bhw3.astype(int) - (pixels * 255).round()).max() <= 1
+
+
+def test_without_prior_the_embedding_is_the_retrieval_tokens(checkpoint):
+    path, model, calibration = checkpoint
+    backend = TorchBackend.from_checkpoint(path, prior_steps=0)
+    b = betas(2, 50)
+    out = backend.decode("subj02", b)
+    direct = direct_outputs(model, calibration, "subj02", b).retrieval_tokens.numpy().reshape(2, -1)
+    np.testing.assert_allclose(out.embedding_norm_b, np.linalg.norm(direct, axis=1), rtol=1e-5)
+    # Not z-scoring would give other numbers: the check above can fail.
+    raw = direct_outputs(model, {"subj02": (np.zeros(50, np.float32), np.ones(50, np.float32))}, "subj02", b)
+    assert not np.allclose(out.embedding_norm_b, np.linalg.norm(raw.retrieval_tokens.numpy().reshape(2, -1), axis=1),
+                           rtol=1e-3)
+    assert out.image_tokens_bld is None and out.lowlevel_bhw3 is None and out.top_k == [[], []]
+
+
+def test_sampling_is_deterministic_per_batch(checkpoint):
+    path, _, _ = checkpoint
+    backend = TorchBackend.from_checkpoint(path, prior_steps=4, seed=0)
+    b = betas(2, 40)
+    first = backend.decode("subj01", b).image_tokens_bld
+    backend.decode("subj01", betas(2, 40, seed=9))  # whatever ran in between
+    np.testing.assert_array_equal(backend.decode("subj01", b).image_tokens_bld, first)
+    again = TorchBackend.from_checkpoint(path, prior_steps=4, seed=0).decode("subj01", b).image_tokens_bld
+    np.testing.assert_array_equal(again, first)
+    other_seed = TorchBackend.from_checkpoint(path, prior_steps=4, seed=1).decode("subj01", b).image_tokens_bld
+    assert np.abs(other_seed - first).max() > 1e-3
+
+
+def test_bank_top_k_hand_computed():
+    predicted = np.array([[[1.0, 0.0]]], dtype=np.float32)  # (B=1, L=1, D=2)
+    tokens = np.array([[[0.0, 2.0]], [[3.0, 0.0]], [[1.0, 1.0]], [[-1.0, 0.0]]], dtype=np.float32)
+    bank = RetrievalBank(np.array([10, 20, 30, 40]), tokens)
+    (row,) = bank.top_k(predicted, 3)
+    assert [i for i, _ in row] == [20, 30, 10]
+    np.testing.assert_allclose([s for _, s in row], [1.0, 1 / np.sqrt(2), 0.0], atol=1e-6)
+    (row,) = bank.top_k(predicted, 10)  # capped at the bank size
+    assert [i for i, _ in row] == [20, 30, 10, 40] and row[-1][1] == pytest.approx(-1.0)
+    # A larger bank: the same ranking as a full sort of the cosines.
+    rng = np.random.default_rng(4)
+    many_nld, predicted_bld = rng.normal(size=(200, 3, 4)), rng.normal(size=(2, 3, 4))
+    cosine = np.array([[p.ravel() @ t.ravel() / np.linalg.norm(p) / np.linalg.norm(t) for t in many_nld]
+                       for p in predicted_bld])
+    for row, cos_n in zip(RetrievalBank(np.arange(200) * 3, many_nld).top_k(predicted_bld, 10), cosine):
+        best = np.argsort(-cos_n)[:10]
+        assert [i for i, _ in row] == (best * 3).tolist()
+        np.testing.assert_allclose([s for _, s in row], cos_n[best], atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(B, 1, 2\)"):
+        bank.top_k(np.zeros((1, 2, 2)), 1)
+    with pytest.raises(ValueError, match="unique"):
+        RetrievalBank(np.array([1, 1]), tokens[:2])
+
+
+def test_bad_input_is_named(checkpoint, bank, tmp_path):
+    path, model, calibration = checkpoint
+    backend = TorchBackend.from_checkpoint(path, prior_steps=0)
+    with pytest.raises(ValueError, match=r"unknown subject 'subj05'.*\['subj01', 'subj02'\]"):
+        backend.decode("subj05", betas(1, 40))
+    with pytest.raises(ValueError, match=r"\(B >= 1, 40 voxels\), got shape \(2, 50\)"):
+        backend.decode("subj01", betas(2, 50))
+    bad = betas(3, 40)
+    bad[1, 4], bad[2, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"2 NaN/inf values in trials \(rows\) \[1, 2\]"):
+        backend.decode("subj01", bad)
+    only_one = TorchBackend(model, {"subj01": calibration["subj01"]}, bank=None)
+    with pytest.raises(ValueError, match=r"'subj02' has no calibration statistics; decodable subjects: \['subj01'\]"):
+        only_one.decode("subj02", betas(1, 50))
+    with pytest.raises(ValueError, match=r"calibration of 'subj02' has mean \(45,\).*takes 50 voxels"):
+        TorchBackend(model, {**calibration, "subj02": (np.zeros(45), np.ones(45))}, bank=None)
+    with pytest.raises(ValueError, match="bank's tokens are"):
+        TorchBackend(model, calibration, bank=RetrievalBank(np.arange(2), np.ones((2, 4, DIM))))
+    with pytest.raises(ValueError, match="image_size is required"):
+        TorchBackend(model, calibration, bank=None, codec=PixelCodec(8))
+    save_checkpoint(model, tmp_path / "no_calibration")
+    with pytest.raises(MissingFileError, match="calibration statistics"):
+        TorchBackend.from_checkpoint(tmp_path / "no_calibration")
+    with pytest.raises(MissingFileError, match="checkpoint config"):
+        TorchBackend.from_checkpoint(tmp_path / "nothing_here")
+
+
+def test_candidate_ids_and_bank_from_the_world(tiny_world, tmp_path):
+    root, _, _ = tiny_world
+    shared = candidate_image_ids(root, "shared")
+    np.testing.assert_array_equal(shared, ExpDesign.read(NSDLayout(root).expdesign()).shared_images)
+    everything = candidate_image_ids(root, "all")
+    np.testing.assert_array_equal(everything, np.arange(len(StimulusBrick(NSDLayout(root).stimuli()))))
+    assert np.isin(shared, everything).all() and len(shared) < len(everything)
+    with pytest.raises(ValueError, match="'shared' or 'all'"):
+        candidate_image_ids(root, "test")
+    data_cfg = OmegaConf.create({"root": str(root), "cache_dir": str(tmp_path), "clip": "world",
+                                 "low_level": {"kind": "pixels", "latent_size": 16}})
+    targets = build_target_cache(data_cfg)
+    bank = RetrievalBank.from_targets(targets, shared)
+    tokens, _ = targets.get(shared[:3])
+    # An image's own tokens retrieve it first, with cosine 1.
+    for image_id, ranked in zip(shared[:3], bank.top_k(tokens, 2)):
+        assert ranked[0][0] == image_id and ranked[0][1] == pytest.approx(1.0, abs=1e-5)

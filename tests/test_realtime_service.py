@@ -1,0 +1,269 @@
+"""The realtime service end to end on the tiny world: replayed runs in over ZeroMQ, betas and results out.
+
+The model is the tiny config, untrained (decoding quality is the benchmarks' business); what is
+tested is the path: every trial published once, betas equal to the GLM fed the clean run, faults
+that leave untouched trials exactly as they were, the journal, and a kill -9 mid-run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from mindeye.config import load_config
+from mindeye.journal import read_journal
+from mindeye.models import build_model, save_calibration, save_checkpoint
+from mindeye.nsd import NSDLayout, read_design, read_roi, read_timeseries
+from mindeye.protocol import ProtocolError, Volume
+from mindeye.targets import build_target_cache
+from realtime.backends import TorchBackend
+from realtime.glm import IncrementalGLM, OnlineGLMSettings
+from realtime.pipeline import SubjectRois
+from realtime.service import RealtimeService, ServiceSettings
+from simulators.replay.faults import Faults
+from simulators.replay.sender import replay
+from simulators.replay.sources import NSDSource, design_events
+
+SUBJECT, SESSION = 1, 5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_world, tmp_path_factory):
+    root = tiny_world[0]
+    n_voxels = read_roi(NSDLayout(root).roi(SUBJECT)).n_voxels
+    targets = build_target_cache(load_config("realtime", [f"data.root={root}"]).data)  # shapes as training has them
+    (clip_tokens, clip_dim), (channels, size, _) = targets.token_shape, targets.low_level_shape
+    torch.manual_seed(0)
+    model = build_model("tiny", voxels_per_subject={"subj01": n_voxels}, clip_tokens=clip_tokens, clip_dim=clip_dim,
+                        low_level={"latent_channels": channels, "latent_size": size})
+    path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "checkpoint")
+    rng = np.random.default_rng(0)
+    save_calibration(path, {"subj01": (rng.normal(0, 0.1, n_voxels).astype(np.float32),
+                                       rng.uniform(1, 2, n_voxels).astype(np.float32))})
+    return path
+
+
+def expected_betas(root: Path, run: int) -> dict[int, np.ndarray]:
+    """Trial -> beta of the GLM fed the clean run directly, volume by volume (the service's reference)."""
+    layout = NSDLayout(root)
+    series = read_timeseries(layout.timeseries(SUBJECT, SESSION, run))
+    roi = read_roi(layout.roi(SUBJECT))
+    glm = IncrementalGLM(roi.n_voxels, OnlineGLMSettings(series.tr, grace_volumes=1))
+    for event in design_events(read_design(layout.design(SUBJECT, SESSION, run), series.n_volumes), series.tr):
+        glm.add_trial(event.trial, event.onset_s, event.duration_s)
+    reports = []
+    for t in range(series.n_volumes):
+        reports += glm.add_volume(t, roi.apply(series.data_xyzt[..., t]))
+    reports += glm.finish()
+    return {r.trial_id: r.beta_pct_v for r in reports}
+
+
+class RunningService:
+    """A service on free loopback ports, in a thread of this process."""
+
+    def __init__(self, root: Path, checkpoint: Path, out_dir: Path, **settings):
+        backend = TorchBackend.from_checkpoint(checkpoint, bank=None, prior_steps=2)
+        self.service = RealtimeService(
+            ServiceSettings(out_dir, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", journal_fsync="never", **settings),
+            backend, SubjectRois.from_layout(root, ["subj01"]), context=zmq.Context())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.service.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        assert self.service.ready.wait(30), "service did not start"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def results(out_dir: Path) -> list[dict]:
+    path = out_dir / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_results(out_dir: Path, n: int, timeout_s: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and len(results(out_dir)) < n:
+        time.sleep(0.1)
+    return results(out_dir)
+
+
+def betas_of_run(out_dir: Path, run: int) -> dict[int, np.ndarray]:
+    saved = np.load(out_dir / "betas" / f"subj01-nsd{SESSION:02d}_run-{run:02d}.npz")
+    return dict(zip(saved["trial"].tolist(), saved["betas_nv"]))
+
+
+def n_trials(root: Path, run: int) -> int:
+    series_tr = read_timeseries(NSDLayout(root).timeseries(SUBJECT, SESSION, run)).tr
+    return len(design_events(read_design(NSDLayout(root).design(SUBJECT, SESSION, run)), series_tr))
+
+
+def test_a_clean_run_gives_every_trial_once_with_the_reference_betas(tiny_world, checkpoint, tmp_path):
+    root = tiny_world[0]
+    service = RunningService(root, checkpoint, tmp_path)
+    try:
+        summary = replay(NSDSource(NSDLayout(root), SUBJECT, SESSION, [1, 2]), service.service.volumes_endpoint)
+        got = wait_for_results(tmp_path, n_trials(root, 1) + n_trials(root, 2))
+    finally:
+        service.close()
+    assert summary.acks == {"accepted": sum(summary.sent.values())}
+    for run in (1, 2):
+        published = sorted(r["trial"] for r in got if r["run"] == run)
+        assert published == list(range(n_trials(root, run)))
+        live, reference = betas_of_run(tmp_path, run), expected_betas(root, run)
+        assert live.keys() == reference.keys()
+        for trial, beta in reference.items():
+            np.testing.assert_allclose(live[trial], beta, rtol=1e-5, atol=1e-5)
+    first = got[0]
+    assert first["flags"] in ([], ["late"]) and len(first["top_k"]) == 0  # no retrieval bank in this test
+    assert {"receive", "journal", "glm", "queue", "decode", "generate", "publish", "end_to_end"} <= first[
+        "timings_ms"].keys()
+    assert (tmp_path / "latency.json").is_file() and (tmp_path / "latency.png").is_file()
+
+
+def test_network_faults_leave_untouched_trials_exactly_as_in_a_clean_run(tiny_world, checkpoint, tmp_path):
+    """Duplicates and reordering change nothing; a dropped volume changes only trials fitted after it;
+    malformed and NaN volumes are refused with a reason and the service goes on."""
+    root = tiny_world[0]
+    dropped = 60
+    faults = Faults.from_config({"drop": {"indices": [dropped]}, "duplicate": {"indices": [5, 30, 40]},
+                                 "reorder": {"indices": [10, 20, 65], "window": 1},
+                                 "corrupt": {"indices": [45]}, "truncate": {"indices": [50]},
+                                 "nan": {"indices": [55], "fraction": 0.5}})
+    service = RunningService(root, checkpoint, tmp_path, gap_wait_s=0.5)
+    try:
+        summary = replay(NSDSource(NSDLayout(root), SUBJECT, SESSION, [1], dtype="float32"),
+                         service.service.volumes_endpoint, faults=faults)
+        got = wait_for_results(tmp_path, n_trials(root, 1))
+        status = service.service.status()
+    finally:
+        service.close()
+    assert sorted(r["trial"] for r in got) == list(range(n_trials(root, 1)))  # every trial, once
+    assert summary.acks["duplicate"] == 3
+    assert summary.acks["rejected:not_json"] == 1 and summary.acks["rejected:frame_size"] == 1
+    assert summary.acks["rejected:bad_data"] == 1
+    assert status["volumes_missing"] == 4  # dropped, corrupt, truncated and NaN volumes: never accepted
+    lost = {45, 50, 55, dropped}
+
+    live, reference = betas_of_run(tmp_path, 1), expected_betas(root, 1)
+    tr = read_timeseries(NSDLayout(root).timeseries(SUBJECT, SESSION, 1)).tr
+    events = design_events(read_design(NSDLayout(root).design(SUBJECT, SESSION, 1)), tr)
+    settings = OnlineGLMSettings(tr)
+    untouched = [e.trial for e in events if settings.horizon_volume(e.onset_s) < min(lost)]
+    touched = [e.trial for e in events if e.trial not in untouched]
+    assert len(untouched) >= 3 and touched
+    for trial in untouched:  # bit for bit (the service stores float32)
+        np.testing.assert_array_equal(live[trial], reference[trial].astype(np.float32))
+    for trial in touched:  # estimated without the lost volumes: finite, close to the clean estimate
+        assert np.isfinite(live[trial]).all()
+        assert np.corrcoef(live[trial], reference[trial])[0, 1] > 0.9
+
+
+def test_the_journal_holds_every_accepted_volume_and_replays_to_the_same_betas(tiny_world, checkpoint, tmp_path):
+    root = tiny_world[0]
+    first_dir, second_dir = tmp_path / "live", tmp_path / "from-journal"
+    service = RunningService(root, checkpoint, first_dir)
+    try:
+        replay(NSDSource(NSDLayout(root), SUBJECT, SESSION, [1]), service.service.volumes_endpoint,
+               faults=Faults.from_config({"duplicate": {"indices": [3, 4]}}))
+        wait_for_results(first_dir, n_trials(root, 1))
+        accepted = service.service.admission.runs[("subj01-nsd05", 1)].accepted
+    finally:
+        service.close()
+    journaled = []
+    for record in read_journal(first_dir / "journal.mej"):
+        try:
+            message = record.message()
+        except ProtocolError:
+            continue
+        if isinstance(message, Volume):
+            journaled.append(message.index)
+    assert set(journaled) == accepted == set(range(len(accepted)))
+    assert len(journaled) == len(accepted) + 2  # the duplicates were journaled too, as received
+
+    from simulators.replay.sources import JournalSource
+
+    service = RunningService(root, checkpoint, second_dir)
+    try:
+        replay(JournalSource(first_dir / "journal.mej"), service.service.volumes_endpoint)
+        wait_for_results(second_dir, n_trials(root, 1))
+    finally:
+        service.close()
+    for trial, beta in betas_of_run(first_dir, 1).items():
+        np.testing.assert_array_equal(betas_of_run(second_dir, 1)[trial], beta)
+
+
+def service_process(root: Path, checkpoint: Path, out_dir: Path, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "realtime.cli", f"checkpoint={checkpoint}", f"data.root={root}",
+               f"out_dir={out_dir}", f"endpoints.volumes=tcp://127.0.0.1:{port}",
+               f"endpoints.results=tcp://127.0.0.1:{port + 1}", "viewer.enabled=false", "decode.prior_steps=2",
+               "journal_fsync=never"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def wait_listening(out_dir: Path, process: subprocess.Popen, life: int, timeout_s: float = 120.0) -> None:
+    """Until the service's `life`-th start (1, 2, ...) says it listens."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = out_dir / "service.log"
+        if log.is_file() and log.read_text().count("listening for volumes") >= life:
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"service exited: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    raise AssertionError("service did not start listening")
+
+
+def test_kill_9_mid_run_and_restart_loses_nothing_and_counts_nothing_twice(tiny_world, checkpoint, tmp_path):
+    """SIGKILL after ~half the run; the restarted service resumes from its journal; the restarted
+    sender resends the whole run. Betas equal the clean reference; every trial is published once."""
+    root = tiny_world[0]
+    with zmq.Context() as context:
+        probe = context.socket(zmq.ROUTER)
+        port = probe.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=40000, max_tries=200)
+        probe.close()
+    source = NSDSource(NSDLayout(root), SUBJECT, SESSION, [1])
+    plan = next(source.runs())
+    half = [item for item in plan if item.type != "volume" or item.index < 45]
+    half = [item for item in half if item.type != "run_end"]
+
+    class Partial:
+        def runs(self):
+            yield half
+
+    process = service_process(root, checkpoint, tmp_path, port)
+    try:
+        wait_listening(tmp_path, process, life=1)
+        replay(Partial(), f"tcp://127.0.0.1:{port}")
+        time.sleep(1.0)  # let some results go out, so that some are before the kill and some not
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    before = {r["trial"] for r in results(tmp_path)}
+    assert before, "nothing was published before the kill"
+
+    process = service_process(root, checkpoint, tmp_path, port)
+    try:
+        wait_listening(tmp_path, process, life=2)
+        summary = replay(source, f"tcp://127.0.0.1:{port}")
+        got = wait_for_results(tmp_path, n_trials(root, 1))
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+    assert summary.acks["duplicate"] >= 45  # run_start, events and the first 45 volumes came back from the journal
+    trials = [r["trial"] for r in got]
+    assert sorted(trials) == list(range(n_trials(root, 1)))  # once each, across both lives
+    live, reference = betas_of_run(tmp_path, 1), expected_betas(root, 1)
+    for trial, beta in reference.items():
+        np.testing.assert_allclose(live[trial], beta, rtol=1e-5, atol=1e-5)
