@@ -23,7 +23,7 @@ from realtime.service import RealtimeService, ServiceSettings
 log = logging.getLogger(__name__)
 
 
-def build_service(cfg: DictConfig, *, context=None, viewer_port: int | None = None) -> RealtimeService:
+def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     """The service `cfg` (configs/realtime.yaml) describes: backend, ROIs, viewer, sockets' settings."""
     checkpoint = Path(cfg.checkpoint)
     model_config, _ = read_checkpoint_config(checkpoint)  # a clear error before anything heavy loads
@@ -40,7 +40,8 @@ def build_service(cfg: DictConfig, *, context=None, viewer_port: int | None = No
     if cfg.viewer.enabled:
         from realtime.viewer import LiveViewer
 
-        viewer = LiveViewer(cfg.viewer.host, cfg.viewer.port if viewer_port is None else viewer_port, stimuli=stimuli)
+        viewer = LiveViewer(cfg.viewer.host, cfg.viewer.port, stimuli=stimuli,
+                            candidates=bank.image_ids)
     curve = None
     if cfg.curve.secret_key_file or cfg.curve.allowed_clients_dir:
         if not (cfg.curve.secret_key_file and cfg.curve.allowed_clients_dir):

@@ -323,6 +323,19 @@ def test_summary_counts_decoded_trials_and_restarts_with_a_session(viewer):
     assert summary["top1_rate"] is None
 
 
+def test_hit_rate_counts_only_trials_whose_seen_image_is_a_candidate(brick):
+    viewer = LiveViewer("127.0.0.1", 0, stimuli=brick, candidates=[1, 2, 3])
+    viewer.start()
+    try:
+        viewer.show(make_result(0, image_id=1, top_ids=(1, 2)))  # a candidate, hit
+        viewer.show(make_result(1, image_id=2, top_ids=(3, 2)))  # a candidate, missed
+        viewer.show(make_result(2, image_id=7, top_ids=(1, 2)))  # not a candidate: cannot be hit, not counted
+        summary = json.loads(get(f"{viewer.url}results.json")[1])["summary"]
+    finally:
+        viewer.stop()
+    assert (summary["trials"], summary["top1_known"], summary["top1_hits"]) == (3, 2, 1)
+
+
 # ---- standalone mode ------------------------------------------------------------------------------
 
 def test_relay_shows_published_results(viewer):

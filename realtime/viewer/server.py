@@ -94,7 +94,8 @@ class _Tally:
     trials: int = 0
     skipped: int = 0
     late: int = 0
-    top1_known: int = 0  # decoded trials whose seen image is known
+    candidates: frozenset[int] | None = None  # retrieval candidates; None: any known seen image counts
+    top1_known: int = 0  # decoded trials whose seen image is known (and a candidate)
     top1_hits: int = 0  # ... whose best candidate is that image
     end_to_end_ms: list[float] = field(default_factory=list)  # ascending
 
@@ -105,7 +106,7 @@ class _Tally:
         if "skipped" in result.flags:
             self.skipped += 1
             return
-        if result.image_id is not None:
+        if result.image_id is not None and (self.candidates is None or result.image_id in self.candidates):
             self.top1_known += 1
             self.top1_hits += _is_top1_hit(result)
         if "end_to_end" in result.timings_ms:
@@ -195,7 +196,9 @@ class LiveViewer:
     `show` and `set_status` are thread-safe and never wait on a browser (see the module docstring)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, stimuli: StimulusBrick | None = None,
-                 history: int = 200, title: str = "MindEye2 live"):
+                 history: int = 200, title: str = "MindEye2 live", candidates=None):
+        """`candidates`: the image ids retrieval ranks (the service's bank); the top-1 hit rate then
+        counts only trials whose seen image is one of them (others cannot be hit)."""
         if not 0 <= port <= 65535:
             raise ValueError(f"LiveViewer: port must be in 0..65535 (0 picks a free one), got {port}")
         if history < 1:
@@ -205,7 +208,8 @@ class LiveViewer:
         self._lock = threading.Lock()  # guards everything below that show/set_status/handlers share
         self._shown: deque[_Shown] = deque(maxlen=history)
         self._next_n = 0
-        self._tally = _Tally()
+        self._candidates = None if candidates is None else frozenset(int(i) for i in candidates)
+        self._tally = _Tally(candidates=self._candidates)
         self._status: dict = {}
         self._clients: set[_Client] = set()
         self._stopping = False
@@ -262,7 +266,7 @@ class LiveViewer:
             self._next_n += 1
             self._shown.append(shown)
             if result.session != self._tally.session:
-                self._tally = _Tally(session=result.session)
+                self._tally = _Tally(session=result.session, candidates=self._candidates)
             self._tally.add(result)
             update = shown.event + _sse("summary", self._tally.as_dict())
             for client in self._clients:
