@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -267,3 +269,31 @@ def test_kill_9_mid_run_and_restart_loses_nothing_and_counts_nothing_twice(tiny_
     live, reference = betas_of_run(tmp_path, 1), expected_betas(root, 1)
     for trial, beta in reference.items():
         np.testing.assert_allclose(live[trial], beta, rtol=1e-5, atol=1e-5)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_path):
+    """mindeye-demo with a model already trained (it reuses one): service, viewer, replay, report."""
+    root = tiny_world[0]
+    model_dir = tmp_path / "model"
+    shutil.copytree(checkpoint, model_dir / "checkpoint")
+    volumes, results_port, viewer = free_ports(3)
+    command = [sys.executable, "-m", "simulators.demo", f"out_dir={root}", f"train.out_dir={model_dir}", "runs=[1]",
+               "speed=max", "progress=false", f"service.out_dir={tmp_path / 'live'}",
+               f"service.volumes=tcp://127.0.0.1:{volumes}", f"service.results=tcp://127.0.0.1:{results_port}",
+               f"service.viewer_port={viewer}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"live: {n_trials(root, 1)} trials published" in done.stdout
+    assert "acks    accepted 76" in done.stdout and "latency, last volume" in done.stdout
+    assert (tmp_path / "live" / "latency.png").is_file()
