@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -82,8 +83,13 @@ class Sessions:
         self.sources = [NSDSource(layout, SUBJECT, s, list(range(1, runs_per_session + 1))) for s in sessions]
 
     def runs(self) -> Iterator[list[Outgoing]]:
+        """Each session's send times continue after the previous session's, as a visit would."""
+        offset_s = 0.0
         for source in self.sources:
-            yield from source.runs()
+            for plan in source.runs():
+                plan = [replace(item, at_s=item.at_s + offset_s) for item in plan]
+                yield plan
+            offset_s = plan[-1].at_s
 
 
 def run_live(cfg, sessions: list[int], design: ExpDesign, n_trials: int, speed: str) -> tuple[TorchBackend, float]:

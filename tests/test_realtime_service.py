@@ -294,6 +294,7 @@ def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_pat
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "synthetic NSD world 'tiny'" in done.stdout and "ridge decoding, subj01" in done.stdout
     assert f"live: {n_trials(root, 1)} trials published" in done.stdout
     assert "acks    accepted 76" in done.stdout and "latency, last volume" in done.stdout
     assert (tmp_path / "live" / "latency.png").is_file()

@@ -111,15 +111,6 @@ def test_world_help_explains_the_command():
     assert "synthetic NSD world" in out and "world: tiny | small" in out and "overwrite" in out
 
 
-def test_demo_command_summarises_and_decodes(tiny_world):
-    """The README's main job, on the already generated tiny world (reused, not regenerated)."""
-    root, _, _ = tiny_world
-    out = subprocess.run([sys.executable, "-m", "simulators.demo", f"out_dir={root}", "decode_subjects=[1,2]",
-                          "hydra.run.dir=" + str(root.parent / "hydra")], capture_output=True, text=True, check=True).stdout
-    assert "synthetic NSD world 'tiny'" in out and "subj08" in out
-    assert "ridge decoding, subj02" in out and "mean over 2 subjects" in out
-
-
 def test_generation_is_deterministic(tmp_path):
     """Two generations from one config hold the same data, file by file (decoded: gzip stamps times)."""
     import h5py
