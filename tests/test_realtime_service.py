@@ -171,6 +171,37 @@ def test_network_faults_leave_untouched_trials_exactly_as_in_a_clean_run(tiny_wo
         assert np.corrcoef(live[trial], reference[trial])[0, 1] > 0.9
 
 
+def test_wrong_geometry_delays_and_a_sender_restart_are_survived(tiny_world, checkpoint, tmp_path):
+    """A volume claiming another shape, one on another grid, one in another dtype, a late one, and a
+    sender that restarts mid-run and resends 5 volumes: refused with reasons, reordered, acked as
+    duplicates; every trial still gets one result, and trials before the first lost volume are exact."""
+    root = tiny_world[0]
+    faults = Faults.from_config({"wrong_shape": {"indices": [44], "mode": "header"},
+                                 "wrong_dtype": {"indices": [48], "mode": "data", "dtype": "float64"},
+                                 "delay": {"indices": [20], "delay_s": 2.5},
+                                 "restart": {"at_index": 30, "resume_from": 25}})
+    service = RunningService(root, checkpoint, tmp_path, gap_wait_s=2.0)
+    try:
+        summary = replay(NSDSource(NSDLayout(root), SUBJECT, SESSION, [1], dtype="float32"),
+                         service.service.volumes_endpoint, faults=faults, speed=20)
+        got = wait_for_results(tmp_path, n_trials(root, 1))
+    finally:
+        service.close()
+    assert sorted(r["trial"] for r in got) == list(range(n_trials(root, 1)))
+    assert summary.sender_restarts == 1
+    assert summary.acks["duplicate"] == 5 + 2  # volumes 25-29, run_start and events resent after the restart
+    assert summary.acks["rejected:frame_size"] == 1 and summary.acks["rejected:conflict"] == 1
+    assert summary.acks["accepted:out_of_order"] >= 1  # the delayed volume filled its gap in time
+    live, reference = betas_of_run(tmp_path, 1), expected_betas(root, 1)
+    tr = read_timeseries(NSDLayout(root).timeseries(SUBJECT, SESSION, 1)).tr
+    events = design_events(read_design(NSDLayout(root).design(SUBJECT, SESSION, 1)), tr)
+    settings = OnlineGLMSettings(tr)
+    untouched = [e.trial for e in events if settings.horizon_volume(e.onset_s) < 44]
+    assert len(untouched) >= 3
+    for trial in untouched:
+        np.testing.assert_array_equal(live[trial], reference[trial].astype(np.float32))
+
+
 def test_the_journal_holds_every_accepted_volume_and_replays_to_the_same_betas(tiny_world, checkpoint, tmp_path):
     root = tiny_world[0]
     first_dir, second_dir = tmp_path / "live", tmp_path / "from-journal"
