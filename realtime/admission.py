@@ -105,6 +105,7 @@ class RunState:
     next_index: int = 0  # the next volume to release
     newest: int = -1
     gap_deadline_s: float | None = None
+    abandon_deadline_s: float | None = None  # a later run started: finish this one if silent until then
     closed: bool = False
 
     @property
@@ -155,10 +156,13 @@ class Admission:
             if run.gap_deadline_s is not None and now_s >= run.gap_deadline_s:
                 self._close_gap(run, steps)
                 self._release(run, now_s, steps)
+            if not run.closed and run.abandon_deadline_s is not None and now_s >= run.abandon_deadline_s:
+                self._finish(run, steps)
         return steps
 
     def next_deadline_s(self) -> float | None:
-        deadlines = [run.gap_deadline_s for run in self.runs.values() if run.gap_deadline_s is not None]
+        deadlines = [deadline for run in self.runs.values() if not run.closed
+                     for deadline in (run.gap_deadline_s, run.abandon_deadline_s) if deadline is not None]
         return min(deadlines, default=None)
 
     # -- rules ------------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ class Admission:
             if isinstance(message, Volume):
                 return self._volume(message, now_s, info, steps)
             if isinstance(message, RunStart):
-                return self._run_start(message, steps)
+                return self._run_start(message, now_s, steps)
             if isinstance(message, Events):
                 return self._events(message, steps)
             if isinstance(message, RunEnd):
@@ -195,11 +199,14 @@ class Admission:
             raise Refusal(Reason.RUN_CLOSED, f"run {run} of session {session} is finished")
         return state
 
-    def _start(self, message: RunStart | Volume, announced: bool, steps: list[Step]) -> RunState:
-        """A new run (rule 4): earlier open runs of the session are over, the scanner has moved on."""
-        for other in list(self.runs.values()):
-            if other.session == message.session and not other.closed and other.run != message.run:
-                self._finish(other, steps)
+    def _start(self, message: RunStart | Volume, announced: bool, now_s: float, steps: list[Step]) -> RunState:
+        """A new run (rule 4). The scanner has moved on, so the session's open runs without a run_end
+        are finished once they have been silent for the gap wait (their last messages may still be
+        overtaken in transit: by jitter, or by a restarted sender's new connection)."""
+        for other in self.runs.values():
+            if (other.session == message.session and not other.closed and other.run != message.run
+                    and other.end_volumes is None):
+                other.abandon_deadline_s = now_s + self._wait_s(other)
         state = RunState(message.session, message.run, message.subject, message.tr_s, Geometry.of(message), announced,
                          n_volumes=message.n_volumes if isinstance(message, RunStart) else None)
         self.runs[state.key] = state
@@ -210,11 +217,11 @@ class Admission:
             steps.append(AddEvents(state, tuple(sorted(early.values(), key=lambda e: e.trial))))
         return state
 
-    def _run_start(self, message: RunStart, steps: list[Step]) -> Judgement:
+    def _run_start(self, message: RunStart, now_s: float, steps: list[Step]) -> Judgement:
         state = self._open_run(message.session, message.run)
         if state is None:
             self.inspect(message)  # a subject the service cannot decode, or a geometry off its ROI
-            self._start(message, announced=True, steps=steps)
+            self._start(message, announced=True, now_s=now_s, steps=steps)
             return Judgement(Verdict.ACCEPTED, None, "")
         differences = _differences(state, message)
         if state.announced and state.n_volumes != message.n_volumes:
@@ -262,8 +269,10 @@ class Admission:
                                                f"missing")
         payload = self.inspect(message)  # may refuse (subject, geometry, NaN): nothing changes then
         if state is None:
-            state = self._start(message, announced=False, steps=steps)
+            state = self._start(message, announced=False, now_s=now_s, steps=steps)
         filled_gap = index < state.newest
+        if state.abandon_deadline_s is not None:  # still arriving: not abandoned yet
+            state.abandon_deadline_s = now_s + self._wait_s(state)
         state.accepted.add(index)
         state.newest = max(state.newest, index)
         state.held[index] = (payload, info, now_s)
@@ -286,7 +295,7 @@ class Admission:
         if message.n_volumes <= state.newest:
             raise Refusal(Reason.CONFLICT, f"run_end says {message.n_volumes} volumes, but volume {state.newest} "
                                            f"was accepted")
-        state.end_volumes = message.n_volumes
+        state.end_volumes, state.abandon_deadline_s = message.n_volumes, None
         if state.next_index < state.end_volumes and not state.held:  # only the last volumes are missing
             state.gap_deadline_s = now_s + self._wait_s(state)
         self._release(state, now_s, steps)
@@ -326,7 +335,7 @@ class Admission:
                     payload, info, _ = state.held.pop(state.next_index)
                     steps.append(UseVolume(state, state.next_index, payload, info))
                     state.next_index += 1
-        state.closed, state.gap_deadline_s = True, None
+        state.closed, state.gap_deadline_s, state.abandon_deadline_s = True, None, None
         steps.append(FinishRun(state))
 
     def _wait_s(self, state: RunState) -> float:

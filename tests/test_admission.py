@@ -162,15 +162,33 @@ def test_a_run_may_start_with_a_volume_and_early_events_wait_for_it(admission):
     assert judgement.verdict == Verdict.ACCEPTED and steps == []
 
 
-def test_a_new_run_of_the_session_finishes_the_previous_one(admission):
+def test_a_new_run_of_the_session_finishes_the_previous_one_once_it_is_silent(admission):
     sender = Sender()
     admission.judge(sender.run_start(run=1), 0.0)
     admission.judge(sender.volume(0, run=1), 1.0)
-    admission.judge(sender.volume(2, run=1), 3.0)  # held past a gap when run 1 is cut short
-    judgement, steps = admission.judge(sender.run_start(run=2), 4.0)
-    assert judgement.verdict == Verdict.ACCEPTED
-    assert kinds(steps) == ["missing1", "use2", "finish", "start"]
-    assert steps[2].run.run == 1 and steps[3].run.run == 2
+    admission.judge(sender.volume(3, run=1), 3.0)  # held past a gap when run 1 is cut short
+    judgement, steps = admission.judge(sender.run_start(run=2), 3.1)
+    assert judgement.verdict == Verdict.ACCEPTED and kinds(steps) == ["start"]
+    judgement, steps = admission.judge(sender.volume(1, run=1), 3.5)  # run 1's last messages may trail
+    assert kinds(steps) == ["use1"]
+    assert kinds(admission.tick(4.4)) == ["missing2", "use3"]  # the gap's wait ran out (from volume 3, at 3.0)
+    steps = admission.tick(4.5)  # silent for the wait since volume 1: finished
+    assert kinds(steps) == ["finish"] and steps[0].run.run == 1
+    judgement, _ = admission.judge(sender.volume(2, run=1), 4.6)
+    assert judgement.reason == Reason.RUN_CLOSED
+
+
+def test_a_new_run_leaves_an_ended_run_to_fill_its_gaps(admission):
+    """A restarted sender's messages may overtake the old connection's: run 2 starting does not cut
+    run 1 short once run 1's run_end has said how many volumes to wait for."""
+    sender = Sender()
+    admission.judge(sender.run_start(run=1), 0.0)
+    admission.judge(sender.volume(1, run=1), 1.0)  # volume 0 still in flight on the old connection
+    admission.judge(sender.run_end(2, run=1), 1.1)
+    judgement, steps = admission.judge(sender.run_start(run=2), 1.2)
+    assert kinds(steps) == ["start"]
+    judgement, steps = admission.judge(Sender("old").volume(0, run=1), 1.3)
+    assert judgement.verdict == Verdict.ACCEPTED and kinds(steps) == ["use0", "use1", "finish"]
 
 
 def test_replaying_the_same_messages_and_times_rebuilds_the_same_verdicts():
