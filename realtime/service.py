@@ -234,7 +234,8 @@ class RealtimeService:
         counters = self.admission.counters
         return {"messages": self.counters["messages"], "accepted": counters.accepted,
                 "duplicate": counters.duplicate, "rejected": counters.rejected,
-                "rejected_by_reason": dict(counters.rejected_by_reason), "volumes_missing": counters.volumes_missing,
+                "rejected_by_reason": ", ".join(f"{reason} {n}" for reason, n in sorted(
+                    counters.rejected_by_reason.items())) or "none", "volumes_missing": counters.volumes_missing,
                 "out_of_order": counters.out_of_order, "messages_lost": counters.messages_lost,
                 "malformed": self.counters["malformed"], "open_runs": len(self.runs),
                 "decode_pending": self.worker.pending, **{f"trials_{k}": v for k, v in self.worker.counters.items()}}
