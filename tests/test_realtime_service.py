@@ -26,7 +26,7 @@ from mindeye.config import load_config
 from mindeye.journal import read_journal
 from mindeye.models import build_model, save_calibration, save_checkpoint
 from mindeye.nsd import NSDLayout, read_design, read_roi, read_timeseries
-from mindeye.protocol import ProtocolError, Volume
+from mindeye.protocol import CurveClient, CurveServer, ProtocolError, Volume, create_keypair
 from mindeye.targets import build_target_cache
 from realtime.backends import TorchBackend
 from realtime.glm import IncrementalGLM, OnlineGLMSettings
@@ -73,11 +73,15 @@ def expected_betas(root: Path, run: int) -> dict[int, np.ndarray]:
 class RunningService:
     """A service on free loopback ports, in a thread of this process."""
 
-    def __init__(self, root: Path, checkpoint: Path, out_dir: Path, **settings):
+    def __init__(self, root: Path, checkpoint: Path, out_dir: Path, curve_keys: tuple[Path, Path] | None = None,
+                 **settings):
+        """`curve_keys`: (the service's secret key file, the folder of allowed client public keys)."""
         backend = TorchBackend.from_checkpoint(checkpoint, bank=None, prior_steps=2)
+        context = zmq.Context()
+        self.curve = None if curve_keys is None else CurveServer(context, *curve_keys)
         self.service = RealtimeService(
             ServiceSettings(out_dir, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", journal_fsync="never", **settings),
-            backend, SubjectRois.from_layout(root, ["subj01"]), context=zmq.Context())
+            backend, SubjectRois.from_layout(root, ["subj01"]), context=context, curve=self.curve)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.service.run, args=(self.stop,), daemon=True)
         self.thread.start()
@@ -86,6 +90,8 @@ class RunningService:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(30)
+        if self.curve is not None:
+            self.curve.stop()
 
 
 def results(out_dir: Path) -> list[dict]:
@@ -200,6 +206,31 @@ def test_wrong_geometry_delays_and_a_sender_restart_are_survived(tiny_world, che
     assert len(untouched) >= 3
     for trial in untouched:
         np.testing.assert_array_equal(live[trial], reference[trial].astype(np.float32))
+
+
+def test_with_curve_only_an_allowed_scanner_is_heard(tiny_world, checkpoint, tmp_path):
+    """Scanner and GPU host on different machines: the service admits only listed client keys."""
+    root = tiny_world[0]
+    keys = tmp_path / "keys"
+    _, service_secret = create_keypair(keys, "service")
+    scanner_public, scanner_secret = create_keypair(keys / "scanner", "scanner")
+    _, intruder_secret = create_keypair(keys / "intruder", "intruder")
+    allowed = keys / "allowed"
+    allowed.mkdir()
+    shutil.copy(scanner_public, allowed)
+    service = RunningService(root, checkpoint, tmp_path / "out", curve_keys=(service_secret, allowed))
+    try:
+        source = NSDSource(NSDLayout(root), SUBJECT, SESSION, [1])
+        endpoint = service.service.volumes_endpoint
+        with pytest.raises(RuntimeError, match="not taking messages"):  # the handshake fails: nothing gets through
+            replay(source, endpoint, curve=CurveClient(intruder_secret, keys / "service.key"))
+        heard = replay(source, endpoint, curve=CurveClient(scanner_secret, keys / "service.key"))
+        got = wait_for_results(tmp_path / "out", n_trials(root, 1))
+    finally:
+        service.close()
+    assert service.service.counters["messages"] == sum(heard.sent.values())  # none of the intruder's
+    assert heard.acks == {"accepted": sum(heard.sent.values())}
+    assert sorted(r["trial"] for r in got) == list(range(n_trials(root, 1)))
 
 
 def test_the_journal_holds_every_accepted_volume_and_replays_to_the_same_betas(tiny_world, checkpoint, tmp_path):
