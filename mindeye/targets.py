@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import h5py
@@ -23,6 +24,7 @@ from mindeye.nsd import NSDLayout, StimulusBrick
 from mindeye.nsd.files import read_rows
 
 CACHE_FORMAT_VERSION = 1
+LOCK_WAIT_S = 600.0  # how long to wait for another process computing into the same cache
 
 
 class TargetCache:
@@ -34,15 +36,15 @@ class TargetCache:
                          sort_keys=True, default=str)
         self.path = Path(cache_dir) / f"targets-{hashlib.sha256(key.encode()).hexdigest()[:16]}.hdf5"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        n = len(stimuli)
-        with h5py.File(self.path, "a") as f:
-            if "computed" not in f:
-                f.attrs["key"] = key
-                f.create_dataset("computed", data=np.zeros(n, bool))
-                f.create_dataset("tokens", shape=(n, embedder.n_tokens, embedder.dim), dtype=np.float16,
-                                 chunks=(1, embedder.n_tokens, embedder.dim))
-                shape = (codec.channels, codec.latent_size, codec.latent_size)
-                f.create_dataset("low_level", shape=(n, *shape), dtype=np.float16, chunks=(1, *shape))
+        if not self._is_initialised():
+            with self._open("a") as f:
+                if "computed" not in f:
+                    f.attrs["key"] = key
+                    f.create_dataset("computed", data=np.zeros(len(stimuli), bool))
+                    f.create_dataset("tokens", shape=(len(stimuli), embedder.n_tokens, embedder.dim),
+                                     dtype=np.float16, chunks=(1, embedder.n_tokens, embedder.dim))
+                    shape = (codec.channels, codec.latent_size, codec.latent_size)
+                    f.create_dataset("low_level", shape=(len(stimuli), *shape), dtype=np.float16, chunks=(1, *shape))
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -53,18 +55,43 @@ class TargetCache:
         return self.codec.channels, self.codec.latent_size, self.codec.latent_size
 
     def get(self, image_ids: np.ndarray, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """float32 tokens (n, L, D) and low-level latents (n, C, S, S) for `image_ids` (any order)."""
+        """float32 tokens (n, L, D) and low-level latents (n, C, S, S) for `image_ids` (any order).
+
+        Reads with the file opened read-only (several processes may read at once, and a cache on a
+        read-only share works); opens it for writing only to compute rows no run has computed yet."""
         image_ids = np.asarray(image_ids)
-        with h5py.File(self.path, "a") as f:
+        with self._open("r") as f:
             missing = np.setdiff1d(np.unique(image_ids), np.flatnonzero(f["computed"][:]))
-            for start in tqdm(range(0, len(missing), self.batch_size), desc="targets", disable=not progress):
-                ids = missing[start:start + self.batch_size]
-                images = self.stimuli[ids]
-                f["tokens"][ids] = self.embedder.embed_array(images, batch_size=self.batch_size)
-                f["low_level"][ids] = self.codec.encode(images)
-                f["computed"][ids] = True
+        if len(missing):
+            with self._open("a") as f:
+                missing = np.setdiff1d(missing, np.flatnonzero(f["computed"][:]))  # another process may have filled some
+                for start in tqdm(range(0, len(missing), self.batch_size), desc="targets", disable=not progress):
+                    ids = missing[start:start + self.batch_size]
+                    images = self.stimuli[ids]
+                    f["tokens"][ids] = self.embedder.embed_array(images, batch_size=self.batch_size)
+                    f["low_level"][ids] = self.codec.encode(images)
+                    f["computed"][ids] = True
+        with self._open("r") as f:
             return (read_rows(f["tokens"], image_ids).astype(np.float32),
                     read_rows(f["low_level"], image_ids).astype(np.float32))
+
+    def _is_initialised(self) -> bool:
+        if not self.path.is_file():
+            return False
+        with self._open("r") as f:
+            return "computed" in f
+
+    def _open(self, mode: str) -> h5py.File:
+        """The cache file; while another process holds HDF5's lock (it is computing rows), wait for it."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                return h5py.File(self.path, mode)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.path}: locked by another process for over {LOCK_WAIT_S:.0f} s "
+                                       f"(is a run computing targets there?)") from None
+                time.sleep(0.2)
 
 
 def target_clip_config(data_cfg):

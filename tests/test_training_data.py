@@ -1,6 +1,9 @@
 """The training data layer: subjects' betas and splits, the target cache and the low-level codecs."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -79,6 +82,22 @@ def test_target_cache_matches_ground_truth_and_computes_once(tiny_world, tmp_pat
     again = build_target_cache(data_cfg(root, cache_dir=str(tmp_path)))
     assert again.path == targets.path
     np.testing.assert_array_equal(again.get(np.array([1]))[0], tokens[1:2])
+
+
+def test_target_cache_waits_for_another_process_writing_it(tiny_world, tmp_path):
+    """Two runs sharing a data root: one computing targets holds HDF5's lock; the other waits, then reads."""
+    root, _, _ = tiny_world
+    targets = build_target_cache(data_cfg(root, cache_dir=str(tmp_path)))
+    tokens, _ = targets.get(np.array([2, 3]))
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\n"
+                               "f = h5py.File(sys.argv[1], 'a'); print('locked', flush=True); time.sleep(2)",
+                               str(targets.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        again, _ = targets.get(np.array([3, 2]))  # blocks on the lock until the holder exits, then reads
+    finally:
+        holder.wait(30)
+    np.testing.assert_array_equal(again, tokens[::-1])
 
 
 def test_pixel_codec_round_trip_is_a_blurred_image():
