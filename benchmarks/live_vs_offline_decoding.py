@@ -8,7 +8,7 @@ which z-scores them with the checkpoint's calibration statistics, as live.
 
 1. The real service (realtime.cli.build_service on configs/realtime.yaml; free loopback ports, no
    viewer, retrieval among the shared images) runs in a thread; every run of subject 1's sessions
-   is replayed to it at speed=max. What it published (results.jsonl) is counted as is: at max
+   is replayed to it (`--speed`, default max). What it published (results.jsonl) is counted as is: at max
    speed decoding falls behind and skips trials, so the live accuracy proper comes from the saved
    live betas (out/service/betas/*.npz) decoded afterwards in one batch by the service's backend.
    `--speed 8` paces the replay so that the service keeps up (no skips; 8x real time is ~5 min
@@ -22,12 +22,13 @@ which z-scores them with the checkpoint's calibration statistics, as live.
    test trials and for all trials, and of each with the world's true trial responses. A reference
    row decodes the offline betas z-scored per session, as training's own evaluation does.
 
-    .venv/bin/python benchmarks/live_vs_offline_decoding.py --checkpoint /tmp/demo_train/checkpoint
-    .venv/bin/python benchmarks/live_vs_offline_decoding.py          # trains the model first (~10 min)
+    .venv/bin/python benchmarks/live_vs_offline_decoding.py --speed 8     # trains the model first (~2 min)
+    .venv/bin/python benchmarks/live_vs_offline_decoding.py --speed 8 --checkpoint runs/demo/tiny-subj1-e100-lr0.001/checkpoint
 
 Without --checkpoint the model is trained first (skipped when <out>/train holds one), with
     .venv/bin/python -m offline_training.train mode=scratch subjects=[1] train_sessions=[1,2,3,4] \\
-        out_dir=<out>/train progress=false cpu=true train.epochs=40
+        out_dir=<out>/train progress=false cpu=true train.epochs=100 train.lr=1e-3
+(the model mindeye-demo trains).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ from simulators.world.stats import rowwise_corr
 SUBJECT = 1
 SUBJECT_NAME = subject_name(SUBJECT)
 TRAIN_OVERRIDES = ["mode=scratch", f"subjects=[{SUBJECT}]", "train_sessions=[1,2,3,4]", "progress=false", "cpu=true",
-                   "train.epochs=40"]
+                   "train.epochs=100", "train.lr=1e-3"]
 
 
 def train_checkpoint(data_root: Path, train_dir: Path) -> Path:

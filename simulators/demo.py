@@ -40,7 +40,7 @@ def train_model(cfg: DictConfig, root: Path, train_sessions: list[int]) -> Path:
           f"-> {model_dir}")
     command = [sys.executable, "-m", "offline_training.train", "mode=scratch", f"subjects=[{cfg.subject}]",
                f"train_sessions=[{','.join(map(str, train_sessions))}]", f"data.root={root}", f"out_dir={model_dir}",
-               f"train.epochs={cfg.train.epochs}", f"train.eval.every={cfg.train.epochs}",
+               f"train.epochs={cfg.train.epochs}", f"train.lr={cfg.train.lr}", f"train.eval.every={cfg.train.epochs}",
                f"progress={str(cfg.progress).lower()}", "cpu=true"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return checkpoint
