@@ -8,7 +8,7 @@ decode threads included) and BLAS and torch run one thread each.
 
 (1) The service's per-message path called directly, stage by stage: protocol `decode` of the
 encoded frames, `JournalWriter.append` (fsync "never", then "always", to a temp dir on the local
-disk), `Admission.judge` (with `SubjectRois.inspect`: geometry, ROI masking, NaN check), encoding
+disk), `Admission.judge` (with `SubjectRois.read_volume`: ROI masking, NaN check), encoding
 the ack, and `RunPipeline.use_volume` (the incremental GLM). (2) A `RealtimeService` in a thread
 of this process, with the real `TorchBackend` on the tiny model sized to the ROI (no prior, no
 images, no retrieval bank), fed from a child process on another core: (a) `replay()` at max speed,
@@ -157,7 +157,7 @@ class IngestPath:
 
     def __init__(self, rois: SubjectRois, journal_path: Path, fsync: str, betas_dir: Path):
         self.rois, self.betas_dir = rois, betas_dir
-        self.admission = Admission(rois.inspect, SERVICE_DEFAULTS.gap_wait_s)
+        self.admission = Admission(rois.check_run, rois.read_volume, SERVICE_DEFAULTS.gap_wait_s)
         self.journal = JournalWriter(journal_path, fsync=fsync)
         self.pipelines: dict[RunKey, RunPipeline] = {}
         self.stamper = Stamper()
@@ -192,7 +192,7 @@ class IngestPath:
     def _inspect_ms(self, message: Volume) -> float:
         """The ROI masking and NaN check alone (a second call, outside the stages' clocks)."""
         started_s = time.perf_counter()
-        self.rois.inspect(message)
+        self.rois.read_volume(message)
         return (time.perf_counter() - started_s) * 1000
 
     def _process(self, steps) -> float:
@@ -393,8 +393,8 @@ def part_stages(args, rois: RoiMask, work_dir: Path) -> dict[str, list[float]]:
     print(row("protocol decode", pooled["decode"]))
     print(row("journal append, fsync never", paths["never"].ms["journal"]))
     print(row("journal append, fsync always", paths["always"].ms["journal"]))
-    print(row("admission judge (incl. SubjectRois.inspect)", pooled["judge"]))
-    print(row("  of which inspect: geometry, ROI mask, NaN check", pooled["inspect"]))
+    print(row("admission judge (incl. SubjectRois.read_volume)", pooled["judge"]))
+    print(row("  of which read_volume: ROI mask, NaN check", pooled["inspect"]))
     print(row("ack encode", pooled["ack"]))
     print(row("GLM update (RunPipeline.use_volume)", pooled["glm"]))
     print(row("total, fsync never (arrival to GLM done)", paths["never"].ms["total"]))

@@ -9,10 +9,10 @@ volume arrived (`tick(now_s)`), when the gap is declared missing. Nothing here r
 caller passes the arrival time, so replaying a journal with its recorded arrival times rebuilds the
 very same state, verdicts and steps (the restart path of the service).
 
-What the rules leave to the service goes through one callback, `inspect(message)`, called on a
-`run_start` or a volume before it is accepted: whether the subject is known, whether the geometry
-matches its ROI, whether a volume's data are usable (no NaN in the ROI). It returns the volume's
-payload (the ROI values) or raises `Refusal`, and then nothing changes.
+What the rules leave to the service goes through two callbacks, called before a message is
+accepted: `check_run(message)` on the `run_start` or volume that starts a run (is the subject
+known, does the geometry match its ROI), and `read_volume(volume)` on every volume (its payload,
+the ROI values, if the data are usable). Either raises `Refusal`, and then nothing changes.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class AddEvents:
 class UseVolume:
     run: RunState
     index: int
-    payload: Any  # what `inspect` returned (the ROI values)
+    payload: Any  # what `read_volume` returned (the ROI values)
     info: Any  # what the caller passed to `judge` with the volume (its arrival timings)
 
 
@@ -113,7 +113,8 @@ class RunState:
         return self.session, self.run
 
 
-Inspect = Callable[[RunStart | Volume], Any]
+CheckRun = Callable[[RunStart | Volume], None]
+ReadVolume = Callable[[Volume], Any]
 
 
 @dataclass
@@ -130,10 +131,10 @@ class AdmissionCounters:
 class Admission:
     """Verdicts and processing steps for the messages of the volume socket (docs/protocol.md, rules 1-5)."""
 
-    def __init__(self, inspect: Inspect, gap_wait_s: float | None = None):
+    def __init__(self, check_run: CheckRun, read_volume: ReadVolume, gap_wait_s: float | None = None):
         """`gap_wait_s`: how long a gap may stay open, from the arrival of the first volume past it;
         None waits one TR of the run."""
-        self.inspect = inspect
+        self.check_run, self.read_volume = check_run, read_volume
         self.gap_wait_s = gap_wait_s
         self.runs: dict[RunKey, RunState] = {}
         self.counters = AdmissionCounters()
@@ -220,7 +221,7 @@ class Admission:
     def _run_start(self, message: RunStart, now_s: float, steps: list[Step]) -> Judgement:
         state = self._open_run(message.session, message.run)
         if state is None:
-            self.inspect(message)  # a subject the service cannot decode, or a geometry off its ROI
+            self.check_run(message)  # a subject the service cannot decode, or a geometry off its ROI
             self._start(message, announced=True, now_s=now_s, steps=steps)
             return Judgement(Verdict.ACCEPTED, None, "")
         differences = _differences(state, message)
@@ -267,7 +268,9 @@ class Admission:
             if index in state.missing:
                 raise Refusal(Reason.TOO_LATE, f"volume {index} of run {message.run} came after it was declared "
                                                f"missing")
-        payload = self.inspect(message)  # may refuse (subject, geometry, NaN): nothing changes then
+        if state is None:
+            self.check_run(message)  # the run begins with this volume (the receiver may have restarted)
+        payload = self.read_volume(message)  # may refuse (NaN): nothing changes then
         if state is None:
             state = self._start(message, announced=False, now_s=now_s, steps=steps)
         filled_gap = index < state.newest

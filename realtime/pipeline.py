@@ -1,8 +1,9 @@
 """From accepted volumes to trial betas: each subject's ROI, then one incremental GLM per run.
 
-`SubjectRois.inspect` is the service's content check on a `run_start` or a volume (the callback
-`Admission` calls before accepting): the subject must have an ROI (and a model), the geometry must
-be the ROI's, and a volume's ROI values must be finite. Detrending and scaling happen inside the
+`SubjectRois` holds the service's content checks, the callbacks `Admission` calls before accepting:
+`check_run` when a run starts (the subject must have an ROI and a model, the geometry must be the
+ROI's; later volumes must repeat the run's geometry, which admission checks), and `read_volume` on
+every volume (its ROI values, which must be finite). Detrending and scaling happen inside the
 GLM: its forgetting constant is a local signal level that follows drift, and betas are percent of
 that level (realtime/glm.py), the units the training betas have.
 """
@@ -42,8 +43,8 @@ class SubjectRois:
     def n_voxels(self, subject: str) -> int:
         return self.rois[subject].n_voxels
 
-    def inspect(self, message: RunStart | Volume) -> np.ndarray | None:
-        """Refuse what the service cannot use; a volume's ROI values (V,) in the one voxel order."""
+    def check_run(self, message: RunStart | Volume) -> None:
+        """Refuse a run the service cannot decode: an unknown subject, or a geometry off its ROI."""
         roi = self.rois.get(message.subject)
         if roi is None:
             raise Refusal(Reason.UNKNOWN_SUBJECT, f"subject {message.subject} has no ROI and model here; known: "
@@ -55,13 +56,14 @@ class SubjectRois:
         if offset_mm > AFFINE_TOLERANCE_MM:
             raise Refusal(Reason.GEOMETRY_MISMATCH, f"{message.TYPE} affine differs from {message.subject}'s ROI "
                                                      f"affine by up to {offset_mm:.4g} mm: another space")
-        if not isinstance(message, Volume):
-            return None
-        values_v = message.array().reshape(-1)[self._flat_index[message.subject]]
+
+    def read_volume(self, volume: Volume) -> np.ndarray:
+        """The volume's ROI values (V,) in the one voxel order; NaN or inf among them is refused."""
+        values_v = volume.array().reshape(-1)[self._flat_index[volume.subject]]
         if values_v.dtype.kind == "f":
             n_bad = int(values_v.size - np.isfinite(values_v).sum())
             if n_bad:
-                raise Refusal(Reason.BAD_DATA, f"volume {message.index}: {n_bad} of {values_v.size} ROI voxels are "
+                raise Refusal(Reason.BAD_DATA, f"volume {volume.index}: {n_bad} of {values_v.size} ROI voxels are "
                                                f"NaN or inf")
         return values_v
 

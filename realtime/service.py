@@ -37,12 +37,12 @@ from realtime.admission import AddEvents, Admission, FinishRun, MissingVolume, R
 from realtime.backends import DecodeBackend
 from realtime.decoder import Arrival, DecodeWorker, ResultsLog, TrialJob
 from realtime.glm import OnlineGLMSettings
-from realtime.latency import LatencyLog, write_report
+from realtime.latency import LATENCY_CSV, LatencyLog, write_report
 from realtime.pipeline import RunPipeline, SubjectRois, TrialOutcome
 
 log = logging.getLogger(__name__)
 
-JOURNAL_FILE, RESULTS_FILE, LATENCY_FILE = "journal.mej", "results.jsonl", "latency.csv"
+JOURNAL_FILE, RESULTS_FILE = "journal.mej", "results.jsonl"
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,9 @@ class RealtimeService:
         self.settings, self.backend, self.rois, self.viewer = settings, backend, rois, viewer
         self.context = context or zmq.Context.instance()
         self.curve = curve
-        self.admission = Admission(rois.inspect, settings.gap_wait_s)
+        self.admission = Admission(rois.check_run, rois.read_volume, settings.gap_wait_s)
         self.runs: dict[RunKey, _LiveRun] = {}
-        self.counters = {"messages": 0, "malformed": 0, "journaled": 0, "recovered_records": 0}
+        self.counters = {"messages": 0, "malformed": 0, "recovered_records": 0}
         self.ready = threading.Event()
         self._stamper = Stamper()
 
@@ -96,7 +96,7 @@ class RealtimeService:
         journal_path = out_dir / JOURNAL_FILE
         journal = JournalWriter(journal_path, fsync=self.settings.journal_fsync)  # cuts a torn tail, locks
         results_log = ResultsLog(out_dir / RESULTS_FILE)
-        latency_log = LatencyLog(out_dir / LATENCY_FILE)
+        latency_log = LatencyLog(out_dir / LATENCY_CSV)
         receiver = volume_receiver(self.context, self.settings.volumes_endpoint, curve=self.curve)
         publisher = result_publisher(self.context, self.settings.results_endpoint, curve=self.curve)
         self.volumes_endpoint, self.results_endpoint = bound_endpoint(receiver), bound_endpoint(publisher)
@@ -121,11 +121,7 @@ class RealtimeService:
             journal.close()
             results_log.close()
             latency_log.close()
-            if (out_dir / LATENCY_FILE).stat().st_size:
-                try:
-                    log.info("latency report:\n%s", write_report(out_dir / LATENCY_FILE).format())
-                except ValueError as error:  # no decoded trial yet: nothing to report
-                    log.info("no latency report: %s", error)
+            log.info("latency report:\n%s", write_report(out_dir / LATENCY_CSV).format())
 
     def _recover(self, journal_path: Path) -> None:
         """Rebuild the state from the journal: the same rules, fed the recorded arrival times."""
@@ -168,8 +164,7 @@ class RealtimeService:
         except ProtocolError as error:
             refusal = error
         decoded_s = time.perf_counter()
-        journal.append(body if body else [b""], arrived_unix_s)
-        self.counters["journaled"] += 1
+        journal.append(body, arrived_unix_s)  # a ROUTER message holds >= 1 frame after the peer id
         journaled_s = time.perf_counter()
         if message is None:
             self.counters["malformed"] += 1

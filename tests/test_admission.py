@@ -36,14 +36,16 @@ class Sender:
         return Events("s1", run, tuple(events), False, self.envelope())
 
 
-def inspect(message):
-    """The service's content check, reduced: NaN volumes are refused; the payload is the first value."""
-    if isinstance(message, Volume):
-        values = message.array().reshape(-1)
-        if np.isnan(values).any():
-            raise Refusal(Reason.BAD_DATA, "NaN")
-        return float(values[0])
-    return None
+def accept_run(message):
+    """The service's run check, reduced: every subject and geometry is fine."""
+
+
+def read_volume(volume):
+    """The service's volume check, reduced: NaN volumes are refused; the payload is the first value."""
+    values = volume.array().reshape(-1)
+    if np.isnan(values).any():
+        raise Refusal(Reason.BAD_DATA, "NaN")
+    return float(values[0])
 
 
 def kinds(steps) -> list[str]:
@@ -53,7 +55,7 @@ def kinds(steps) -> list[str]:
 
 @pytest.fixture
 def admission():
-    return Admission(inspect, gap_wait_s=1.0)
+    return Admission(accept_run, read_volume, gap_wait_s=1.0)
 
 
 def test_in_order_run_is_used_volume_by_volume_and_finished_at_run_end(admission):
@@ -198,7 +200,7 @@ def test_replaying_the_same_messages_and_times_rebuilds_the_same_verdicts():
                 (sender.volume(4), 5.0), (sender.volume(1), 6.5), (sender.run_end(5), 7.0)]
 
     def trace():
-        admission, out = Admission(inspect, gap_wait_s=1.0), []
+        admission, out = Admission(accept_run, read_volume, gap_wait_s=1.0), []
         for message, at_s in messages:
             out += kinds(admission.tick(at_s))
             judgement, steps = admission.judge(message, at_s)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import html
-import io
 import json
 import logging
 import math
@@ -38,10 +37,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
-
 from mindeye.protocol import Result
+from realtime.decoder import encode_png
 
 if TYPE_CHECKING:
     from mindeye.nsd import StimulusBrick
@@ -71,13 +68,6 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     low = math.floor(position)
     high = min(low + 1, len(sorted_values) - 1)
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
-
-
-def _encode_png(image_hwc: np.ndarray) -> bytes:
-    """PNG bytes of a uint8 (H, W, 3) image; light compression, as speed matters more than size here."""
-    buffer = io.BytesIO()
-    Image.fromarray(image_hwc).save(buffer, format="PNG", compress_level=3)
-    return buffer.getvalue()
 
 
 def _is_top1_hit(result: Result) -> bool:
@@ -321,7 +311,7 @@ class LiveViewer:
             return None
         png = self._stimulus_pngs.get(image_id)
         if png is None:
-            png = _encode_png(self.stimuli[image_id][0])
+            png = encode_png(self.stimuli[image_id][0])
             self._stimulus_pngs.put(image_id, png)
         return png
 
