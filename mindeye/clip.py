@@ -9,6 +9,9 @@ are an error, never a silent fall back to random ones.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +128,11 @@ def _resolve_weights(spec: ClipSpec) -> Path:
         f"{spec.name} pretrained weights '{spec.weights}' (Hugging Face repo {repo_id})",
         hint="download them on a connected machine with `huggingface-cli download "
              f"{repo_id} open_clip_pytorch_model.bin`, or set `weights` to a local file")
+
+
+def clip_identity(cfg) -> str:
+    """A short name for one frozen encoder: `<name>:<weights>:<sha256 of its spec>`. A generator records
+    the identity of the encoder whose tokens it was trained on and refuses tokens from any other."""
+    spec = cfg if isinstance(cfg, ClipSpec) else ClipSpec.from_config(cfg)
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str).encode()).hexdigest()
+    return f"{spec.name}:{Path(spec.weights).name}:{digest[:12]}"

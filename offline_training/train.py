@@ -338,7 +338,7 @@ def evaluate(wrapped: nn.Module, data: SubjectData, targets: TargetTable, eval_c
                                     noise_bnd=noise_bnd, keep_b=keep_b).float().cpu())
         if sample:
             sampled.append(wrapped("sample", brain_tokens=brain_bnd, steps=eval_cfg.sample_steps,
-                                   generator=generator).float().cpu())
+                                   sampler=eval_cfg.get("sample_sampler", "ddim"), generator=generator).float().cpu())
     result["prior_loss"] = float(torch.cat(prior_losses).mean())
     if sample:
         score = retrieval_top1(torch.cat(sampled).numpy(), tokens_ind.numpy(), eval_cfg.pool_size,

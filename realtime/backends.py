@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mindeye.models import MindEye2, load_calibration, load_checkpoint
+from mindeye.models.prior import check_sampler
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 from mindeye.targets import TargetCache
 
@@ -119,7 +120,8 @@ class TorchBackend:
 
     The predicted image embedding whose norm `DecodedBatch.embedding_norm_b` reports is the prior's
     sampled tokens, flattened; with `prior_steps=0` the prior is skipped and it is the retrieval
-    head's tokens. The backend takes the model over: it is moved to `device`/`dtype` and set to eval.
+    head's tokens. `prior_sampler` names the prior's scheduler (mindeye.models.prior.PRIOR_SAMPLERS).
+    The backend takes the model over: it is moved to `device`/`dtype` and set to eval.
     `codec` is a mindeye.latents codec for the low-level head's latents; `image_size` (pixels) defaults
     to the codec's own and is required for one without (the pixel codec).
     """
@@ -128,16 +130,19 @@ class TorchBackend:
 
     def __init__(self, model: MindEye2, calibration: dict[str, tuple[np.ndarray, np.ndarray]], *,
                  bank: RetrievalBank | None, codec=None, image_size: int | None = None, top_k: int = 5,
-                 prior_steps: int = 20, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+                 prior_steps: int = 20, prior_sampler: str = "ddim", seed: int = 0, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.bank, self.codec, self.top_k_count, self.prior_steps, self.seed = bank, codec, top_k, prior_steps, seed
+        self.prior_sampler = prior_sampler
         config = model.config
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not 0 <= prior_steps <= config.prior.timesteps:
             raise ValueError(f"prior_steps must be in [0, {config.prior.timesteps}] (0 skips the prior), "
                              f"got {prior_steps}")
+        check_sampler(prior_sampler)
         if bank is not None and bank.token_shape != (config.clip_tokens, config.clip_dim):
             raise ValueError(f"the retrieval bank's tokens are {bank.token_shape}, the model predicts "
                              f"{(config.clip_tokens, config.clip_dim)}: the bank is from another CLIP encoder")
@@ -172,7 +177,8 @@ class TorchBackend:
         image_tokens_bld = None
         if self.prior_steps > 0:
             generator = torch.Generator(self.device).manual_seed(noise_seed(self.seed, subject, betas_bv))
-            sampled = self.model.prior.sample(out.backbone_tokens, steps=self.prior_steps, generator=generator)
+            sampled = self.model.prior.sample(out.backbone_tokens, steps=self.prior_steps, generator=generator,
+                                              sampler=self.prior_sampler)
             image_tokens_bld = sampled.float().cpu().numpy()
         embedding_bld = image_tokens_bld if image_tokens_bld is not None else retrieval_bld
         embedding_norm_b = np.linalg.norm(embedding_bld.reshape(len(embedding_bld), -1), axis=1).astype(np.float32)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from mindeye.config import CONFIG_DIR
 from mindeye.latents import build_latent_codec
 from mindeye.models import read_checkpoint_config
+from mindeye.models.prior import check_sampler
 from mindeye.nsd import NSDLayout, StimulusBrick
 from mindeye.protocol.transport import CurveServer
 from mindeye.targets import build_target_cache
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     """The service `cfg` (configs/realtime.yaml) describes: backend, ROIs, viewer, sockets' settings."""
+    check_sampler(cfg.decode.prior_sampler)  # clear errors before anything heavy loads
     checkpoint = Path(cfg.checkpoint)
-    model_config, _ = read_checkpoint_config(checkpoint)  # a clear error before anything heavy loads
+    model_config, _ = read_checkpoint_config(checkpoint)
     subjects = list(cfg.subjects or model_config.subjects)
     root = Path(cfg.data.root)
     stimuli = StimulusBrick(NSDLayout(root).stimuli())
@@ -35,7 +37,8 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     torch.set_num_threads(cfg.decode.torch_threads)
     backend = TorchBackend.from_checkpoint(checkpoint, bank=bank, codec=build_latent_codec(dict(cfg.data.low_level)),
                                            image_size=stimuli.shape[1], top_k=cfg.decode.top_k,
-                                           prior_steps=cfg.decode.prior_steps, device=cfg.decode.device)
+                                           prior_steps=cfg.decode.prior_steps,
+                                           prior_sampler=cfg.decode.prior_sampler, device=cfg.decode.device)
     viewer = None
     if cfg.viewer.enabled:
         from realtime.viewer import LiveViewer

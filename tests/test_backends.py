@@ -115,6 +115,21 @@ def test_sampling_is_deterministic_per_batch(checkpoint):
     assert np.abs(other_seed - first).max() > 1e-3
 
 
+def test_prior_sampler_is_passed_to_the_prior_and_validated(checkpoint):
+    path, model, calibration = checkpoint
+    b = betas(2, 40)
+    backend = TorchBackend.from_checkpoint(path, prior_steps=4, prior_sampler="dpmpp", seed=2)
+    out = backend.decode("subj01", b)
+    direct = direct_outputs(model, calibration, "subj01", b)
+    expected = model.prior.sample(direct.backbone_tokens, steps=4, sampler="dpmpp",
+                                  generator=torch.Generator().manual_seed(noise_seed(2, "subj01", b)))
+    np.testing.assert_allclose(out.image_tokens_bld, expected.numpy(), atol=1e-5)
+    ddim = TorchBackend.from_checkpoint(path, prior_steps=4, seed=2).decode("subj01", b).image_tokens_bld
+    assert np.abs(ddim - out.image_tokens_bld).max() > 1e-4  # the default is another sampler (ddim)
+    with pytest.raises(ValueError, match=r"unknown prior sampler 'plms'; choose one of ddim, dpmpp"):
+        TorchBackend.from_checkpoint(path, prior_steps=4, prior_sampler="plms")
+
+
 def test_bank_top_k_hand_computed():
     predicted = np.array([[[1.0, 0.0]]], dtype=np.float32)  # (B=1, L=1, D=2)
     tokens = np.array([[[0.0, 2.0]], [[3.0, 0.0]], [[1.0, 1.0]], [[-1.0, 0.0]]], dtype=np.float32)

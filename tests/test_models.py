@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
+import mindeye.models.prior as prior_module
 from mindeye.models import (MindEyeConfig, available_configs, build_model, count_parameters, load_config)
-from mindeye.models.prior import cosine_alphas_cumprod, relative_position_buckets
+from mindeye.models.prior import PRIOR_SAMPLERS, cosine_alphas_cumprod, prior_scheduler, relative_position_buckets
 
 TINY_VOXELS = {"subj01": 40, "subj02": 50}
 NSD_SUBJ01 = {"subj01": 15724}
@@ -248,16 +250,149 @@ def test_sample_shape_determinism_and_step_counts():
         model.prior.sample(brain, steps=101)
 
 
-def test_guidance_scale_zero_is_the_unconditional_prediction():
+@pytest.mark.parametrize("sampler", sorted(PRIOR_SAMPLERS))
+def test_guidance_scale_zero_is_the_unconditional_prediction(sampler):
     prior = tiny().prior.eval()
     brain = torch.randn(2, 16, 32)
-    unconditional = prior.sample(brain, steps=5, cond_scale=0.0, generator=torch.Generator().manual_seed(0))
-    null_brain = prior.null_brain_tokens.detach().expand(2, -1, -1)
-    expected = prior.sample(null_brain, steps=5, cond_scale=1.0, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(unconditional, expected)
-    guided = prior.sample(brain, steps=5, cond_scale=3.0, generator=torch.Generator().manual_seed(0))
-    plain = prior.sample(brain, steps=5, cond_scale=1.0, generator=torch.Generator().manual_seed(0))
-    assert (guided - plain).abs().max() > 1e-3
+
+    def sample(tokens, cond_scale):
+        return prior.sample(tokens, steps=5, cond_scale=cond_scale, generator=torch.Generator().manual_seed(0),
+                            sampler=sampler)
+
+    unconditional = sample(brain, 0.0)
+    torch.testing.assert_close(unconditional, sample(prior.null_brain_tokens.detach().expand(2, -1, -1), 1.0))
+    assert (sample(brain, 3.0) - sample(brain, 1.0)).abs().max() > 1e-3
+
+
+# --- the prior's samplers: diffusers schedulers against the hand-written DDIM they replaced ----------------
+
+def old_ddim_loop(prior, brain_tokens, steps=20, cond_scale=1.0, generator=None, times=None):
+    """Reference: the hand-written deterministic DDIM DiffusionPrior.sample ran before it used diffusers
+    schedulers, kept verbatim except that `times` (descending timesteps) may replace its own
+    round(linspace(T - 1, 0, steps)). Each step predicts x_start, derives the noise it implies and moves x
+    to the next timestep's noise level; the last step returns x_start."""
+    alpha_bar = cosine_alphas_cumprod(prior.config.timesteps)
+    if times is None:
+        times = torch.linspace(prior.config.timesteps - 1, 0, steps).round().long().tolist()
+    x_bnd = torch.randn(brain_tokens.shape, device=brain_tokens.device, dtype=brain_tokens.dtype,
+                        generator=generator)
+    for t, t_next in zip(times, times[1:] + [None]):
+        x_start = prior._guided_x_start(x_bnd, t, brain_tokens, cond_scale)
+        if t_next is None:
+            break
+        a_t, a_next = alpha_bar[t].item(), alpha_bar[t_next].item()
+        eps_bnd = (x_bnd - math.sqrt(a_t) * x_start) / math.sqrt(1 - a_t)
+        x_bnd = math.sqrt(a_next) * x_start + math.sqrt(1 - a_next) * eps_bnd
+    return x_start
+
+
+@pytest.mark.parametrize("sampler", sorted(PRIOR_SAMPLERS))
+@pytest.mark.parametrize("timesteps", [100, 1000])
+def test_scheduler_schedule_is_ours(sampler, timesteps):
+    """diffusers' squaredcos_cap_v2 is cosine_alphas_cumprod (its float32 copy), so no trained_betas needed."""
+    scheduler, _ = prior_scheduler(sampler, timesteps)
+    assert scheduler.config.prediction_type == "sample" and scheduler.config.num_train_timesteps == timesteps
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), cosine_alphas_cumprod(timesteps), rtol=0, atol=1e-6)
+
+
+def test_trailing_timesteps_start_from_pure_noise():
+    """Steps 1 and T keep the old loop's timesteps; otherwise evenly spaced from T - 1, ending at T / steps - 1."""
+    def timesteps(sampler, steps):
+        scheduler, _ = prior_scheduler(sampler, 100)
+        scheduler.set_timesteps(steps)
+        return scheduler.timesteps.tolist()
+
+    for sampler in PRIOR_SAMPLERS:
+        assert timesteps(sampler, 1) == [99]
+        assert timesteps(sampler, 100) == list(range(99, -1, -1))
+        assert timesteps(sampler, 5) == [99, 79, 59, 39, 19]
+        assert timesteps(sampler, 20) == list(range(99, 3, -5))
+    old = lambda steps: torch.linspace(99, 0, steps).round().long().tolist()  # noqa: E731
+    assert old(5) == [99, 74, 50, 25, 0]  # what the hand-written loop used
+
+
+def trained_like_prior() -> torch.nn.Module:
+    """The tiny prior with its output scaled up, so x_start depends visibly on x, t and the brain."""
+    prior = tiny().prior.eval()
+    with torch.no_grad():
+        prior.project_out.weight.mul_(3.0)
+    return prior
+
+
+@pytest.mark.parametrize("steps", [1, 5, 20, 100])
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+def test_ddim_sampler_equals_the_hand_written_loop(steps, cond_scale, monkeypatch):
+    """Same noise, same timesteps -> the same tokens. Steps 1 and 100 are the old loop as it was; for 5 and 20
+    the reference walks the scheduler's trailing timesteps (test_trailing_timesteps_start_from_pure_noise).
+
+    In float32 the two differ by rounding only: the scheduler's alphas are float32 (the old loop's float64)
+    and the model amplifies 1e-7 differences over the steps, more so with guidance (seen: 1e-4 relative to the
+    tokens' scale at 100 guided steps). In float64, with the scheduler given the float64 schedule, the two
+    are the same arithmetic, equal to 1e-9."""
+    prior = trained_like_prior()
+    brain = torch.randn(3, 16, 32)
+    scheduler, _ = prior_scheduler("ddim", prior.config.timesteps)
+    scheduler.set_timesteps(steps)
+    times = None if steps in (1, 100) else scheduler.timesteps.tolist()
+
+    def both(prior, brain):
+        expected = old_ddim_loop(prior, brain, steps, cond_scale, torch.Generator().manual_seed(5), times=times)
+        got = prior.sample(brain, steps=steps, cond_scale=cond_scale, generator=torch.Generator().manual_seed(5),
+                           sampler="ddim")
+        return got, expected
+
+    got, expected = both(prior, brain)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-3)
+    assert (got - expected).abs().max() < 2e-4 * expected.abs().max()
+    if times is not None:  # not the old timesteps: a different (but valid) result than the old loop's
+        old = old_ddim_loop(prior, brain, steps, cond_scale, torch.Generator().manual_seed(5))
+        assert (got - old).abs().max() > 1e-2
+
+    def float64_schedule(sampler, timesteps):
+        scheduler, step_options = prior_scheduler(sampler, timesteps)
+        scheduler.alphas_cumprod = cosine_alphas_cumprod(timesteps)
+        scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+        return scheduler, step_options
+
+    monkeypatch.setattr(prior_module, "prior_scheduler", float64_schedule)
+    got, expected = both(prior.double(), brain.double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+def test_dpm_solver_pp_first_order_steps_are_ddim():
+    """DPM-Solver++ takes first-order steps (which are DDIM steps) at its start and at its end: with 2 steps it
+    is DDIM; with 5, its second-order steps make it differ."""
+    prior = trained_like_prior()
+    brain = torch.randn(2, 16, 32)
+
+    def sample(sampler, steps):
+        return prior.sample(brain, steps=steps, generator=torch.Generator().manual_seed(1), sampler=sampler)
+
+    torch.testing.assert_close(sample("dpmpp", 2), sample("ddim", 2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sample("dpmpp", 1), sample("ddim", 1), rtol=1e-5, atol=1e-5)
+    five = sample("dpmpp", 5)
+    assert five.shape == (2, 16, 32) and torch.isfinite(five).all()
+    assert (five - sample("ddim", 5)).abs().max() > 1e-3
+    torch.testing.assert_close(five, sample("dpmpp", 5), rtol=0, atol=0)  # deterministic: a fresh scheduler per call
+
+
+def test_ddim_warns_when_steps_do_not_divide_the_schedule():
+    prior = tiny().prior.eval()
+    brain = torch.randn(1, 16, 32)
+    with pytest.warns(UserWarning, match=r"ddim with 3 steps: .* 100 // 3 = 33 .* 33.33 apart"):
+        three = prior.sample(brain, steps=3, sampler="ddim")
+    assert three.shape == (1, 16, 32) and torch.isfinite(three).all()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ddim with")
+        prior.sample(brain, steps=3, sampler="dpmpp")  # steps between its own timesteps: no warning
+        prior.sample(brain, steps=4, sampler="ddim")
+
+
+def test_unknown_sampler_is_refused_by_name():
+    prior = tiny().prior.eval()
+    with pytest.raises(ValueError, match=r"unknown prior sampler 'euler'; choose one of ddim, dpmpp"):
+        prior.sample(torch.randn(1, 16, 32), steps=2, sampler="euler")
 
 
 def test_loss_is_the_mean_of_per_row_losses_with_the_same_draws():

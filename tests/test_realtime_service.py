@@ -29,6 +29,7 @@ from mindeye.nsd import NSDLayout, read_design, read_roi, read_timeseries
 from mindeye.protocol import CurveClient, CurveServer, ProtocolError, Volume, create_keypair
 from mindeye.targets import build_target_cache
 from realtime.backends import TorchBackend
+from realtime.cli import build_service
 from realtime.glm import IncrementalGLM, OnlineGLMSettings
 from realtime.pipeline import SubjectRois
 from realtime.service import RealtimeService, ServiceSettings
@@ -114,6 +115,13 @@ def betas_of_run(out_dir: Path, run: int) -> dict[int, np.ndarray]:
 def n_trials(root: Path, run: int) -> int:
     series_tr = read_timeseries(NSDLayout(root).timeseries(SUBJECT, SESSION, run)).tr
     return len(design_events(read_design(NSDLayout(root).design(SUBJECT, SESSION, run)), series_tr))
+
+
+def test_an_unknown_prior_sampler_is_refused_before_anything_loads(tmp_path):
+    cfg = load_config("realtime", [f"checkpoint={tmp_path / 'absent'}", "decode.prior_sampler=euler"])
+    with pytest.raises(ValueError, match=r"unknown prior sampler 'euler'; choose one of ddim, dpmpp"):
+        build_service(cfg)
+    assert load_config("realtime", ["checkpoint=x"]).decode.prior_sampler in ("ddim", "dpmpp")
 
 
 def test_a_clean_run_gives_every_trial_once_with_the_reference_betas(tiny_world, checkpoint, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_dilation, binary_erosion
 
-from simulators.world.stimuli import (
+from mindeye.scenes import (
     LAYOUT_KINDS,
     OBJECT_KINDS,
     TEXTURE_KINDS,

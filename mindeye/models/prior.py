@@ -3,7 +3,8 @@
 A non-causal transformer reads [brain tokens (n), timestep token (1), noisy image tokens (n)]
 and predicts the clean image tokens (x_start) from its last n outputs; 100-step cosine schedule
 (Nichol & Dhariwal); brain tokens are swapped for learned null tokens with probability
-`cond_drop_prob` in training, which enables classifier-free guidance when sampling.
+`cond_drop_prob` in training, which enables classifier-free guidance when sampling. Sampling runs
+through diffusers schedulers (DDIM or DPM-Solver++, `PRIOR_SAMPLERS`), chosen by name.
 
 The layer layout is the official MindEye2 prior's (lucidrains' dalle2-pytorch `PriorNetwork`), so its
 weights import one to one: pre-norm blocks of multi-query attention (one key/value head shared by all
@@ -16,9 +17,12 @@ linear) and the rotary embedding and relative bias give every token its place in
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
 from mindeye.models.config import PriorConfig
@@ -32,6 +36,40 @@ def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
     f = torch.cos((x / timesteps + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1 - f[1:] / f[:-1]).clamp(0, 0.999)
     return torch.cumprod(1 - betas, dim=0)
+
+
+PRIOR_SAMPLERS = {  # name -> (diffusers scheduler, its options, options of its step())
+    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, {"eta": 0.0}),
+    "dpmpp": (DPMSolverMultistepScheduler,
+              {"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}, {}),
+}
+
+
+def check_sampler(sampler: str) -> str:
+    """`sampler` if it names a PRIOR_SAMPLERS entry, else a ValueError listing them."""
+    if sampler not in PRIOR_SAMPLERS:
+        raise ValueError(f"unknown prior sampler {sampler!r}; choose one of {', '.join(PRIOR_SAMPLERS)}")
+    return sampler
+
+
+def prior_scheduler(sampler: str, timesteps: int) -> tuple[SchedulerMixin, dict]:
+    """A fresh diffusers scheduler for the prior (they keep per-run state) and the options of its step().
+
+    The schedule is diffusers' "squaredcos_cap_v2", whose alphas_cumprod equal `cosine_alphas_cumprod`
+    (to float32 rounding, ~1e-7); the model predicts x_start ("sample"), nothing is clipped.
+    Timesteps are "trailing": round(T - k * T / steps) - 1 for k = 0..steps-1, so sampling always starts
+    from pure noise at t = T - 1 and, when steps divides T, the steps are evenly spaced and end at
+    T / steps - 1, whose x_start is the sample. (The hand-written DDIM this replaced used
+    round(linspace(T - 1, 0, steps)), which ends at t = 0; diffusers' DDIM cannot step between unevenly
+    spaced timesteps, so only steps = 1 and steps = T give the same timesteps as before. When steps does
+    not divide T, diffusers' DDIM moves x to the noise level of t - T // steps while the next listed
+    timestep may be one lower, which costs quality (DiffusionPrior.sample warns); DPM-Solver++ steps
+    between the listed timesteps exactly.)
+    """
+    scheduler_class, options, step_options = PRIOR_SAMPLERS[check_sampler(sampler)]
+    scheduler = scheduler_class(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2",
+                                prediction_type="sample", timestep_spacing="trailing", **options)
+    return scheduler, dict(step_options)
 
 
 def rotary_cos_sin(n: int, rotary_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,26 +225,33 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, brain_tokens: torch.Tensor, steps: int = 20, cond_scale: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Image tokens (b, n, d) by deterministic DDIM over `steps` evenly spaced timesteps of the schedule.
+               generator: torch.Generator | None = None, sampler: str = "ddim") -> torch.Tensor:
+        """Image tokens (b, n, d) sampled from Gaussian noise with a diffusers scheduler over `steps` timesteps.
 
-        Each step predicts x_start, derives the noise it implies, and moves x to the next timestep's
-        noise level; the last step (t = 0) returns x_start. cond_scale != 1 applies classifier-free
-        guidance: x_start = uncond + cond_scale * (cond - uncond), uncond from the null brain tokens.
+        `sampler` names an entry of PRIOR_SAMPLERS ("ddim": deterministic DDIM; "dpmpp": DPM-Solver++(2M));
+        both run over the training schedule (`cosine_alphas_cumprod`) with "trailing" timesteps (see
+        `prior_scheduler`). Each step predicts x_start, which the scheduler turns into the next, less
+        noisy x; the last step's x_start is the sample (where both schedulers' last step lands when it
+        goes to alpha-bar = 1, as it does whenever steps divides T). cond_scale != 1 applies
+        classifier-free guidance: x_start = uncond + cond_scale * (cond - uncond), uncond from the null
+        brain tokens. The noise is drawn from `generator`, so equal seeds give equal samples.
         """
-        if not 1 <= steps <= self.config.timesteps:
-            raise ValueError(f"steps must be in [1, {self.config.timesteps}], got {steps}")
-        alpha_bar = cosine_alphas_cumprod(self.config.timesteps)
-        times = torch.linspace(self.config.timesteps - 1, 0, steps).round().long().tolist()
+        timesteps = self.config.timesteps
+        if not 1 <= steps <= timesteps:
+            raise ValueError(f"steps must be in [1, {timesteps}], got {steps}")
+        scheduler, step_options = prior_scheduler(sampler, timesteps)
+        if sampler == "ddim" and timesteps % steps:
+            warnings.warn(f"ddim with {steps} steps: diffusers' DDIM moves x by {timesteps} // {steps} = "
+                          f"{timesteps // steps} timesteps a step while its timesteps are {timesteps / steps:.2f} "
+                          "apart, so the model is told timesteps off by one from x's noise level; use steps that "
+                          f"divide {timesteps} or the dpmpp sampler", stacklevel=2)
+        scheduler.set_timesteps(steps)
         x_bnd = torch.randn(brain_tokens.shape, device=brain_tokens.device, dtype=brain_tokens.dtype,
                             generator=generator)
-        for t, t_next in zip(times, times[1:] + [None]):
-            x_start = self._guided_x_start(x_bnd, t, brain_tokens, cond_scale)
-            if t_next is None:
-                break
-            a_t, a_next = alpha_bar[t].item(), alpha_bar[t_next].item()
-            eps_bnd = (x_bnd - math.sqrt(a_t) * x_start) / math.sqrt(1 - a_t)
-            x_bnd = math.sqrt(a_next) * x_start + math.sqrt(1 - a_next) * eps_bnd
+        for i, t in enumerate(scheduler.timesteps):
+            x_start = self._guided_x_start(x_bnd, int(t), brain_tokens, cond_scale)
+            if i < steps - 1:
+                x_bnd = scheduler.step(x_start, t, x_bnd, **step_options).prev_sample.to(brain_tokens.dtype)
         return x_start
 
     def _guided_x_start(self, x_bnd: torch.Tensor, t: int, brain_bnd: torch.Tensor, cond_scale: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ from simulators.world.design import make_design, volumes_per_run
 from simulators.world.encoding import shared_code, subject_encoding
 from simulators.world.scanner import run_timeseries
 from simulators.world.stats import rowwise_corr, standardise
-from simulators.world.stimuli import render_stimuli
+from mindeye.scenes import render_stimuli
 
 WORLD_FORMAT_VERSION = 1
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Procedurally generated scene-like stimulus images for the synthetic NSD world.
+"""Procedurally generated scene-like images: the synthetic NSD world's stimuli, and the endless
+supply of new scenes its unCLIP generator is trained and distilled on (`SceneBatches`).
 
 NSD shows COCO photographs; the world shows small painted scenes with the statistics of
 scenes rather than of white noise: a background layout (sky and ground, a split, a vignette
@@ -15,12 +16,14 @@ across the textured region, so one scene painted at 64 and at 224 px shows the s
 from __future__ import annotations
 
 import colorsys
+import itertools
 import math
 import operator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch.utils.data
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
@@ -428,6 +431,19 @@ def render_stimuli(n_images: int, size: int, seed: int, *, progress: bool = Fals
     for i in tqdm(range(n_images), desc="stimuli", unit="img", disable=not progress):
         images[i] = paint_scene(sample_scene(seed, i), size)
     return images
+
+
+class SceneBatches(torch.utils.data.IterableDataset):
+    """Endless uint8 (B, H, W, 3) batches: batch s holds scenes s B .. (s + 1) B - 1 of `seed`, so a
+    resumed run continues exactly where it stopped (`first_batch`)."""
+
+    def __init__(self, seed: int, size: int, batch_size: int, first_batch: int = 0):
+        self.seed, self.size, self.batch_size, self.first_batch = seed, size, batch_size, first_batch
+
+    def __iter__(self):
+        for s in itertools.count(self.first_batch):
+            yield np.stack([paint_scene(sample_scene(self.seed, i), self.size)
+                            for i in range(s * self.batch_size, (s + 1) * self.batch_size)])
 
 
 def save_grid(images: np.ndarray, path: str | Path, ncols: int = 8) -> Path:

@@ -1,0 +1,247 @@
+"""mindeye-distill: consistency distillation of the unCLIP generator into a 1-4 step student.
+
+Latent consistency distillation (LCM, Luo et al. 2023; diffusers' consistency_distillation examples),
+here in whatever space the teacher denoises (pixels for the world's generator, VAE latents at paper
+size). Per batch of scenes and their CLIP tokens:
+1. noise the images to a timestep t_n of the 50-point DDIM grid the LCM sampler walks;
+2. the teacher, with classifier-free guidance at a random scale g (unconditional input: random tokens,
+   as at sampling), takes one DDIM step from t_n to t_(n-1);
+3. the student at (x_(t_n), t_n, g) and the target network at (x_(t_(n-1)), t_(n-1), g) each give the
+   consistency function f = c_skip x + c_out x0_hat; the loss is a pseudo-Huber distance between them.
+The student is the teacher plus an embedding of g (`time_cond_proj_dim`, zero-initialised so it starts
+as the teacher): guidance is folded in, one UNet call a sampling step. The target network is an EMA of
+the student; with `lora_rank` set only low-rank adapters on the attention and residual layers (and the
+guidance embedding) train, the target is the student itself, and the adapters are merged at save time.
+
+out_dir receives: student/ (a generator folder with the LCM sampler; load_pipeline reads it),
+train_state/ (resume=true), run_config.yaml, log.jsonl, distill.png and samples/.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_constant_schedule_with_warmup
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mindeye.clip import build_clip_embedder, clip_identity
+from mindeye.config import CONFIG_DIR
+from mindeye.generator import MindEyeUnCLIPPipeline, load_pipeline, make_scheduler, micro_conditioning_ids
+from mindeye.generator.pipeline import guidance_embedding
+from mindeye.generator.training import check_out_dir, load_state, plot_loss, preview_grid, save_state, to_unit
+from mindeye.scenes import SceneBatches, paint_scene, sample_scene
+
+log = logging.getLogger(__name__)
+STATE_DIR, STUDENT_DIR = "train_state", "student"
+SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0  # LCM's boundary condition, as diffusers' LCMScheduler applies it
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "time_emb_proj"]
+
+
+def boundary_scalings(t_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_skip, c_out (b, 1, 1, 1): f(x, t) = c_skip x + c_out x0_hat, with f = identity at t = 0."""
+    scaled = t_b.float() * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA ** 2 / (scaled ** 2 + SIGMA_DATA ** 2)
+    c_out = scaled / (scaled ** 2 + SIGMA_DATA ** 2).sqrt()
+    return c_skip[:, None, None, None], c_out[:, None, None, None]
+
+
+def x0_and_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_b: torch.Tensor,
+               prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean image and the noise a UNet output implies at x_t (eps or v parameterisation)."""
+    a = alpha_bar_b[:, None, None, None]
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * output, (1 - a).sqrt() * x_t + a.sqrt() * output
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * output) / a.sqrt(), output
+    raise ValueError(f"consistency distillation supports eps and v prediction, not {prediction_type!r}")
+
+
+def make_student(teacher: UNet2DConditionModel, guidance_dim: int) -> UNet2DConditionModel:
+    """The teacher with a guidance-scale embedding added to its timestep embedding, zero-initialised."""
+    student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": guidance_dim})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+        raise RuntimeError(f"student and teacher layouts differ: missing {missing}, unexpected {unexpected}")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+class ConsistencyDistiller:
+    """The LCM loss of one batch, given the frozen teacher pipeline, the student and its target network."""
+
+    def __init__(self, teacher: MindEyeUnCLIPPipeline, student, target, cfg: DictConfig):
+        self.teacher, self.student, self.target, self.cfg = teacher, student, target, cfg
+        schedule = teacher.scheduler.config
+        self.alphas_cumprod = make_scheduler("ddpm", teacher.scheduler).alphas_cumprod
+        self.prediction_type = schedule.prediction_type
+        self.skip = schedule.num_train_timesteps // cfg.ddim_timesteps
+        self.grid = torch.arange(1, cfg.ddim_timesteps + 1) * self.skip - 1  # 19, 39, ..., 999 for 50 points
+
+    def loss(self, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor) -> torch.Tensor:
+        teacher, cfg = self.teacher, self.cfg
+        x0 = teacher.encode_images(images_b3hw)
+        b, device = len(x0), x0.device
+        t = self.grid[torch.randint(0, len(self.grid), (b,))].to(device)
+        t_prev = (t - self.skip).clamp(min=0)
+        a_t, a_prev = self.alphas_cumprod.to(device)[t], self.alphas_cumprod.to(device)[t_prev]
+        noise = torch.randn_like(x0)
+        x_t = a_t.sqrt()[:, None, None, None] * x0 + (1 - a_t).sqrt()[:, None, None, None] * noise
+        g_b = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, device=device)
+        w_emb = guidance_embedding(g_b, cfg.guidance_embedding_dim)
+        added = micro_conditioning_ids(b, tuple(teacher.config.original_size), tuple(teacher.config.crop_coords),
+                                       device=device)
+
+        c_skip, c_out = boundary_scalings(t)
+        out_student = self.student(x_t, t, encoder_hidden_states=tokens_bld, added_cond_kwargs=added,
+                                   timestep_cond=w_emb).sample
+        f_student = c_skip * x_t + c_out * x0_and_eps(out_student, x_t, a_t, self.prediction_type)[0]
+
+        with torch.no_grad():
+            added_2b = {k: torch.cat((v, v)) for k, v in added.items()}
+            tokens_2b = torch.cat((torch.randn_like(tokens_bld), tokens_bld))  # unconditional: random tokens
+            out_u, out_c = teacher.unet(torch.cat((x_t, x_t)), torch.cat((t, t)), encoder_hidden_states=tokens_2b,
+                                        added_cond_kwargs=added_2b).sample.chunk(2)
+            g = g_b[:, None, None, None]
+            x0_g, eps_g = x0_and_eps(out_u + g * (out_c - out_u), x_t, a_t, self.prediction_type)
+            x_prev = a_prev.sqrt()[:, None, None, None] * x0_g + (1 - a_prev).sqrt()[:, None, None, None] * eps_g
+            out_target = self.target(x_prev, t_prev, encoder_hidden_states=tokens_bld, added_cond_kwargs=added,
+                                     timestep_cond=w_emb).sample
+            c_skip_p, c_out_p = boundary_scalings(t_prev)
+            f_target = c_skip_p * x_prev + c_out_p * x0_and_eps(out_target, x_prev, a_prev, self.prediction_type)[0]
+        c = cfg.huber_c
+        return ((f_student.float() - f_target.float()) ** 2 + c ** 2).sqrt().sub(c).mean()
+
+
+
+def student_pipeline(teacher: MindEyeUnCLIPPipeline, student_unet) -> MindEyeUnCLIPPipeline:
+    """The teacher pipeline with the student UNet and the LCM sampler."""
+    return MindEyeUnCLIPPipeline(student_unet, make_scheduler("lcm", teacher.scheduler), teacher.vae,
+                                 clip_id=teacher.config.clip_id, clip_tokens=teacher.config.clip_tokens,
+                                 original_size=tuple(teacher.config.original_size),
+                                 crop_coords=tuple(teacher.config.crop_coords))
+
+
+@torch.no_grad()
+def update_ema(target, student, decay: float) -> None:
+    for p_target, p_student in zip(target.parameters(), student.parameters()):
+        p_target.lerp_(p_student.detach(), 1 - decay)
+
+
+def distill(cfg: DictConfig) -> Path:
+    out_dir = Path(cfg.out_dir)
+    state_dir = out_dir / STATE_DIR
+    check_out_dir(out_dir, state_dir, cfg.resume)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    accelerator = Accelerator(cpu=cfg.cpu)
+    set_seed(cfg.seed)
+    teacher = load_pipeline(cfg.teacher, device=accelerator.device)
+    if teacher.is_student:
+        raise ValueError(f"{cfg.teacher} is already a distilled student; distil from the full-step teacher")
+    if teacher.config.clip_id != clip_identity(cfg.world.clip):
+        raise ValueError(f"the teacher {cfg.teacher} was trained on CLIP {teacher.config.clip_id!r}, the world's "
+                         f"encoder is {clip_identity(cfg.world.clip)!r}")
+    teacher.unet.requires_grad_(False).eval()
+    embedder = build_clip_embedder(cfg.world.clip, device=str(accelerator.device))
+
+    student = make_student(teacher.unet, cfg.guidance_embedding_dim).train()
+    if cfg.lora_rank:
+        from peft import LoraConfig
+
+        student.requires_grad_(False)
+        student.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS,
+                                       init_lora_weights="gaussian"))
+        student.time_embedding.cond_proj.requires_grad_(True)
+        target = student  # the LoRA recipe: the student itself, without gradient, is the target
+    else:
+        target = copy.deepcopy(student).requires_grad_(False)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    log.info("distilling %s into a student: %d trainable parameters", cfg.teacher, sum(p.numel() for p in trainable))
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_schedule = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+    student, optimizer, lr_schedule = accelerator.prepare(student, optimizer, lr_schedule)
+    if target is not student:
+        accelerator.register_for_checkpointing(target)
+    distiller = ConsistencyDistiller(teacher, student, target, cfg)
+
+    step, records = 0, []
+    if state_dir.is_dir():
+        progress = load_state(accelerator, state_dir)
+        step, records = progress["step"], progress["records"]
+        log.info("resuming %s at step %d", out_dir, step)
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    (out_dir / "run_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
+    preview_pipe = student_pipeline(teacher, accelerator.unwrap_model(student))
+    preview_pipe.set_progress_bar_config(disable=True)
+    held_out = np.stack([paint_scene(sample_scene(cfg.scene_seed + 1, i), cfg.world.image_size) for i in range(8)])
+    batches = DataLoader(SceneBatches(cfg.scene_seed, cfg.world.image_size, cfg.batch_size, step), batch_size=None,
+                         num_workers=cfg.loader_workers, generator=torch.Generator(),
+                         prefetch_factor=4 if cfg.loader_workers else None)
+    window, started = [], time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc="distil", disable=not cfg.progress)
+    for images in batches:
+        if step >= cfg.steps:
+            break
+        images_b3hw = to_unit(images).to(accelerator.device)
+        with torch.no_grad():
+            tokens_bld = embedder(images_b3hw)
+        loss = distiller.loss(images_b3hw, tokens_bld)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if target is not student:
+            update_ema(target, accelerator.unwrap_model(student), cfg.target_ema)
+        step += 1
+        window.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(window):.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            records.append({"step": step, "loss": float(np.mean(window)),
+                            "s_per_step": (time.perf_counter() - started) / len(window)})
+            window, started = [], time.perf_counter()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_state(accelerator, state_dir, {"step": step, "records": records})
+            (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            plot_loss(records, out_dir / "distill.png", ylabel="pseudo-Huber consistency loss",
+                      title="consistency distillation")
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            preview_pipe.unet.eval()
+            preview_grid(preview_pipe, embedder, held_out, out_dir / "samples" / f"step-{step:06d}.png",
+                         steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale)
+            preview_pipe.unet.train()
+    bar.close()
+    final = accelerator.unwrap_model(student).eval()
+    if cfg.lora_rank:
+        final.fuse_lora()
+        final.unload_lora()
+    path = out_dir / STUDENT_DIR
+    pipe = student_pipeline(teacher, final)
+    if cfg.save_fp16:
+        pipe.unet.half()
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="distill", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    path = distill(cfg)
+    print(f"student saved in {path} (samples in {Path(cfg.out_dir) / 'samples'})")
+
+
+if __name__ == "__main__":
+    main()

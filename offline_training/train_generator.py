@@ -1,0 +1,179 @@
+"""mindeye-train-generator: train the synthetic world's unCLIP generator (CLIP image tokens -> image).
+
+MindEye2's unCLIP was trained on web images, never on NSD's; likewise this generator learns from an
+endless stream of new scenes from the world's own scene generator, drawn with a seed of their own
+(`scene_seed`; the world's stimuli are drawn with `world.seed`), embedded by the world's frozen
+encoder (`world.clip`). Batch `s` holds scenes [s B, (s + 1) B), so a resumed run sees exactly what
+an uninterrupted one would.
+
+Denoiser loss: MSE of the schedule's prediction type (v for the world's pixel-space generators: with a
+cosine schedule the terminal SNR is ~1e-9, where an epsilon model's implied image is unstable and few-step
+samplers and consistency distillation break down) with min-SNR-gamma weighting (Hang et al. 2023: the
+same quality in a fraction of the steps); with probability `cond_drop_prob` a row's tokens are replaced by random
+tokens, MindEye2's unconditional input, so classifier-free guidance works at sampling time. An EMA
+of the weights is what gets saved.
+
+out_dir receives: generator/ (the pipeline, diffusers format, EMA weights: load_pipeline reads it),
+train_state/ (for resume), run_config.yaml, log.jsonl, training.png (loss curve) and samples/ (seen |
+generated grids of held-out scenes every `sample_every` steps).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mindeye.clip import build_clip_embedder, clip_identity
+from mindeye.config import CONFIG_DIR
+from mindeye.generator import MindEyeUnCLIPPipeline, build_pipeline, make_scheduler, micro_conditioning_ids
+from mindeye.generator.training import check_out_dir, load_state, plot_loss, preview_grid, save_state, to_unit
+from mindeye.scenes import SceneBatches, paint_scene, sample_scene
+
+log = logging.getLogger(__name__)
+STATE_DIR, GENERATOR_DIR = "train_state", "generator"
+N_PREVIEW = 8
+
+
+def diffusion_loss(pipe: MindEyeUnCLIPPipeline, noise_schedule, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor,
+                   cond_drop_prob: float, snr_gamma: float | None) -> torch.Tensor:
+    """min-SNR-weighted MSE (eps or v target) at a random timestep per row; dropped rows get random tokens."""
+    x0 = pipe.encode_images(images_b3hw)
+    batch = len(x0)
+    noise = torch.randn_like(x0)
+    t_b = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), device=x0.device)
+    noisy = noise_schedule.add_noise(x0, noise, t_b)
+    drop_b = torch.rand(batch, device=x0.device) < cond_drop_prob
+    tokens_bld = torch.where(drop_b[:, None, None], torch.randn_like(tokens_bld), tokens_bld)
+    added = micro_conditioning_ids(batch, tuple(pipe.config.original_size), tuple(pipe.config.crop_coords),
+                                   device=x0.device)
+    predicted = pipe.unet(noisy, t_b, encoder_hidden_states=tokens_bld, added_cond_kwargs=added).sample
+    v_prediction = noise_schedule.config.prediction_type == "v_prediction"
+    target = noise_schedule.get_velocity(x0, noise, t_b) if v_prediction else noise
+    mse_b = F.mse_loss(predicted.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma:  # min-SNR-gamma weights of the x0 error, expressed for an eps or a v target
+        snr_b = compute_snr(noise_schedule, t_b)
+        mse_b = mse_b * snr_b.clamp(max=snr_gamma) / (snr_b + 1 if v_prediction else snr_b)
+    return mse_b.mean()
+
+
+def train_generator(cfg: DictConfig) -> Path:
+    out_dir = Path(cfg.out_dir)
+    state_dir = out_dir / STATE_DIR
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_out_dir(out_dir, state_dir, cfg.resume)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    accelerator = Accelerator(cpu=cfg.cpu)
+    set_seed(cfg.seed)
+    embedder = build_clip_embedder(cfg.world.clip, device=str(accelerator.device))
+    pipe = build_pipeline(cfg.generator, clip_id=clip_identity(cfg.world.clip), clip_tokens=embedder.n_tokens)
+    pipe.set_progress_bar_config(disable=True)
+    noise_schedule = make_scheduler("ddpm", cfg.generator.schedule)
+    unet = pipe.unet.train()
+    ema = EMAModel(unet.parameters(), decay=cfg.ema.decay, use_ema_warmup=True, power=cfg.ema.power)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    accelerator.register_for_checkpointing(ema)
+
+    step, records = 0, []
+    if state_dir.is_dir():
+        progress = load_state(accelerator, state_dir)
+        step, records = progress["step"], progress["records"]
+        log.info("resuming %s at step %d", out_dir, step)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "samples").mkdir(exist_ok=True)
+    (out_dir / "run_config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    ema.to(accelerator.device)
+
+    held_out = np.stack([paint_scene(sample_scene(cfg.scene_seed + 1, i), cfg.world.image_size)
+                         for i in range(N_PREVIEW)])
+    # its own generator: starting the iterator draws a seed, which from the global RNG would shift a resumed run's
+    # noise away from the uninterrupted run's (accelerate restored that RNG just above)
+    batches = DataLoader(SceneBatches(cfg.scene_seed, cfg.world.image_size, cfg.batch_size, step), batch_size=None,
+                         num_workers=cfg.loader_workers, prefetch_factor=4 if cfg.loader_workers else None,
+                         generator=torch.Generator())
+    window, started = [], time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc="generator", disable=not cfg.progress)
+    for images in batches:
+        if step >= cfg.steps:
+            break
+        images_b3hw = to_unit(images).to(accelerator.device)
+        with torch.no_grad():
+            tokens_bld = embedder(images_b3hw)
+        loss = diffusion_loss(pipe, noise_schedule, images_b3hw, tokens_bld, cfg.cond_drop_prob, cfg.snr_gamma)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        step += 1
+        window.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(window):.4f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            records.append({"step": step, "loss": float(np.mean(window)), "lr": scheduler.get_last_lr()[0],
+                            "s_per_step": (time.perf_counter() - started) / len(window)})
+            window, started = [], time.perf_counter()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_state(accelerator, state_dir, {"step": step, "records": records})
+            (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            plot_loss(records, out_dir / "training.png", ylabel="min-SNR weighted MSE",
+                      title="generator training loss")
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            with ema_weights(ema, unet):
+                preview_grid(pipe, embedder, held_out, out_dir / "samples" / f"step-{step:06d}.png",
+                             steps=cfg.generator.sampling.steps, guidance_scale=cfg.generator.sampling.guidance_scale)
+            unet.train()
+    bar.close()
+    return save_generator(pipe, ema, unet, out_dir / GENERATOR_DIR, half=cfg.save_fp16)
+
+
+class ema_weights:
+    """Context: the UNet holds the EMA weights inside, its own weights again after."""
+
+    def __init__(self, ema: EMAModel, unet: torch.nn.Module):
+        self.ema, self.unet = ema, unet
+
+    def __enter__(self):
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        self.unet.eval()
+
+    def __exit__(self, *exc):
+        self.ema.restore(self.unet.parameters())
+
+
+def save_generator(pipe: MindEyeUnCLIPPipeline, ema: EMAModel, unet, path: Path, *, half: bool) -> Path:
+    """The pipeline with the EMA weights (in float16 when `half`: half the size, loads as float32)."""
+    ema.copy_to(unet.parameters())
+    pipe.unet.eval()
+    if half:
+        pipe.unet.half()
+    pipe.save_pretrained(path, safe_serialization=True)
+    pipe.unet.float()
+    return path
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train_generator", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    path = train_generator(cfg)
+    print(f"generator saved in {path} (samples in {Path(cfg.out_dir) / 'samples'})")
+
+
+if __name__ == "__main__":
+    main()
