@@ -4,9 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+# `${repo:}` in a config: the repository root, for files that ship with the code (the world's generator weights)
+OmegaConf.register_new_resolver("repo", lambda: str(REPO_ROOT), replace=True)
 
 
 def load_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:

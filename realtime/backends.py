@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline
 from mindeye.models import MindEye2, load_calibration, load_checkpoint
 from mindeye.models.prior import check_sampler
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
@@ -36,7 +37,8 @@ class DecodedBatch:
     image_tokens_bld: np.ndarray | None  # float32 (B, L, D) prior-sampled CLIP image tokens; None if prior_steps == 0
     lowlevel_bhw3: np.ndarray | None  # uint8 (B, H, W, 3) blurry images; None without low-level head or codec
     decode_ms: float  # wall time: z-scoring, aligner, backbone, heads, prior, retrieval
-    generate_ms: float  # wall time: low-level latents -> pixels
+    generate_ms: float  # wall time: low-level latents -> pixels, and the reconstructions
+    reconstruction_bhw3: np.ndarray | None = None  # uint8 (B, H, W, 3) reconstructions; None without a generator
 
 
 @runtime_checkable
@@ -123,14 +125,17 @@ class TorchBackend:
     head's tokens. `prior_sampler` names the prior's scheduler (mindeye.models.prior.PRIOR_SAMPLERS).
     The backend takes the model over: it is moved to `device`/`dtype` and set to eval.
     `codec` is a mindeye.latents codec for the low-level head's latents; `image_size` (pixels) defaults
-    to the codec's own and is required for one without (the pixel codec).
+    to the codec's own and is required for one without (the pixel codec). `generator` (a
+    mindeye.generator pipeline) turns the prior's tokens into the reconstruction, as `generation` says
+    (steps, guidance, blend with the low-level image, img2img start); its noise is seeded like the prior's.
     """
 
     name = "torch"
 
     def __init__(self, model: MindEye2, calibration: dict[str, tuple[np.ndarray, np.ndarray]], *,
                  bank: RetrievalBank | None, codec=None, image_size: int | None = None, top_k: int = 5,
-                 prior_steps: int = 20, prior_sampler: str = "ddim", seed: int = 0, device: str = "cpu",
+                 prior_steps: int = 20, prior_sampler: str = "ddim", generator: MindEyeUnCLIPPipeline | None = None,
+                 generation: GenerationSettings = GenerationSettings(), seed: int = 0, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
@@ -149,6 +154,9 @@ class TorchBackend:
         self.image_size = image_size if image_size is not None else getattr(codec, "image_size", None)
         if codec is not None and model.low_level_head is not None:
             self._check_codec(codec)
+        self.generator, self.generation = generator, generation
+        if generator is not None:
+            self._check_generator(generator, generation)
         self._zscore = self._calibration_tensors(calibration)
 
     @classmethod
@@ -190,9 +198,22 @@ class TorchBackend:
             pixels_b3hw = self.codec.decode(out.low_level_latent.float().to(self._codec_device()),
                                             image_size=self.image_size)
             lowlevel_bhw3 = (pixels_b3hw.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        reconstruction_bhw3 = None
+        if self.generator is not None:
+            generation = self.generation
+            generator = torch.Generator(self.generator.device).manual_seed(
+                noise_seed(self.seed + 1, subject, betas_bv))
+            reconstruction_bhw3 = self.generator(
+                torch.from_numpy(image_tokens_bld), num_inference_steps=generation.steps,
+                guidance_scale=generation.guidance_scale, generator=generator,
+                low_level_images=pixels_b3hw if lowlevel_bhw3 is not None else None,
+                lowlevel_blend=generation.lowlevel_blend if lowlevel_bhw3 is not None else 0.0,
+                strength=generation.img2img_strength if lowlevel_bhw3 is not None else 1.0,
+                output_size=self.image_size).images
         generated = time.perf_counter()
         return DecodedBatch(embedding_norm_b, top_k, image_tokens_bld, lowlevel_bhw3,
-                            decode_ms=(decoded - start) * 1e3, generate_ms=(generated - decoded) * 1e3)
+                            decode_ms=(decoded - start) * 1e3, generate_ms=(generated - decoded) * 1e3,
+                            reconstruction_bhw3=reconstruction_bhw3)
 
     def _check_codec(self, codec) -> None:
         low = self.model.config.low_level
@@ -203,6 +224,17 @@ class TorchBackend:
         if self.image_size is None:
             raise ValueError(f"image_size is required with a {type(codec).__name__}, "
                              "which has no image size of its own")
+
+    def _check_generator(self, generator: MindEyeUnCLIPPipeline, generation: GenerationSettings) -> None:
+        config = self.model.config
+        if self.prior_steps == 0:
+            raise ValueError("a generator needs the prior's image tokens: prior_steps must be >= 1")
+        if tuple(generator.token_shape) not in ((config.clip_tokens, config.clip_dim), (None, config.clip_dim)):
+            raise ValueError(f"the generator takes CLIP tokens {generator.token_shape}, the model predicts "
+                             f"{(config.clip_tokens, config.clip_dim)}: they come from different CLIP encoders")
+        if self.image_size is None:
+            raise ValueError("image_size is required with a generator (the size of the published images)")
+        generation.check()
 
     def _codec_device(self) -> torch.device:
         """Where the codec computes: its VAE's device, the CPU for the pixel codec."""

@@ -10,13 +10,15 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from mindeye.clip import clip_identity
 from mindeye.config import CONFIG_DIR
+from mindeye.generator import GenerationSettings, load_pipeline
 from mindeye.latents import build_latent_codec
 from mindeye.models import read_checkpoint_config
 from mindeye.models.prior import check_sampler
 from mindeye.nsd import NSDLayout, StimulusBrick
 from mindeye.protocol.transport import CurveServer
-from mindeye.targets import build_target_cache
+from mindeye.targets import build_target_cache, target_clip_config
 from realtime.backends import RetrievalBank, TorchBackend, candidate_image_ids
 from realtime.pipeline import SubjectRois
 from realtime.service import RealtimeService, ServiceSettings
@@ -35,10 +37,16 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     targets = build_target_cache(cfg.data)
     bank = RetrievalBank.from_targets(targets, candidate_image_ids(root, cfg.decode.candidates))
     torch.set_num_threads(cfg.decode.torch_threads)
+    generator = load_generator(cfg)
     backend = TorchBackend.from_checkpoint(checkpoint, bank=bank, codec=build_latent_codec(dict(cfg.data.low_level)),
                                            image_size=stimuli.shape[1], top_k=cfg.decode.top_k,
                                            prior_steps=cfg.decode.prior_steps,
-                                           prior_sampler=cfg.decode.prior_sampler, device=cfg.decode.device)
+                                           prior_sampler=cfg.decode.prior_sampler, generator=generator,
+                                           generation=GenerationSettings(cfg.generate.steps,
+                                                                         cfg.generate.guidance_scale,
+                                                                         cfg.generate.lowlevel_blend,
+                                                                         cfg.generate.img2img_strength),
+                                           device=cfg.decode.device)
     viewer = None
     if cfg.viewer.enabled:
         from realtime.viewer import LiveViewer
@@ -60,6 +68,20 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
                                late_after_ms=cfg.decode.late_after_ms)
     return RealtimeService(settings, backend, SubjectRois.from_layout(root, subjects), viewer=viewer, context=context,
                            curve=curve)
+
+
+def load_generator(cfg: DictConfig):
+    """The reconstruction generator `generate.generator` names (None: no reconstructions), checked to take
+    the tokens of the data's CLIP encoder."""
+    if cfg.generate.generator is None:
+        log.warning("no generator (generate.generator is null): results carry no reconstruction")
+        return None
+    pipe = load_pipeline(cfg.generate.generator, device=cfg.decode.device)
+    encoder = clip_identity(target_clip_config(cfg.data))
+    if pipe.config.clip_id != encoder:
+        raise ValueError(f"the generator {cfg.generate.generator} was trained on CLIP {pipe.config.clip_id!r}; this "
+                         f"data's tokens come from {encoder!r}: use a generator trained on the data's encoder")
+    return pipe
 
 
 def log_to(out_dir: Path, level: str) -> None:

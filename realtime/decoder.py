@@ -148,12 +148,13 @@ class DecodeWorker:
         decoded = self.backend.decode(batch[0].subject, np.stack([job.betas_v for job in batch]))
         self.counters["batches"] += 1
         png_started_s = time.perf_counter()
-        pngs = [None if decoded.lowlevel_bhw3 is None else encode_png(decoded.lowlevel_bhw3[b]) for b in range(len(batch))]
+        pngs = [tuple(None if images is None else encode_png(images[b])
+                      for images in (decoded.reconstruction_bhw3, decoded.lowlevel_bhw3)) for b in range(len(batch))]
         png_ms_each = (time.perf_counter() - png_started_s) * 1000 / len(batch)
         for b, job in enumerate(batch):
             timings = {"queue": (started_s - job.ready_s) * 1000, "decode": decoded.decode_ms,
                        "generate": decoded.generate_ms + png_ms_each}
-            outputs = (float(decoded.embedding_norm_b[b]), decoded.top_k[b], pngs[b])
+            outputs = (float(decoded.embedding_norm_b[b]), decoded.top_k[b], *pngs[b])
             self._publish(job, outputs, b, timings, len(batch))
 
     def _publish(self, job: TrialJob, outputs, row: int, timings_ms: dict[str, float], batch_size: int) -> None:
@@ -165,10 +166,10 @@ class DecodeWorker:
         if outputs is None:
             flags.append("skipped")
             self.counters["skipped" if job.skipped else "unestimable"] += 1
-            embedding_norm, top_k, lowlevel_png = None, (), None
+            embedding_norm, top_k, image_png, lowlevel_png = None, (), None, None
         else:
             self.counters["decoded"] += 1
-            embedding_norm, top, lowlevel_png = outputs
+            embedding_norm, top, image_png, lowlevel_png = outputs
             top_k = tuple(Retrieval(int(image_id), float(score)) for image_id, score in top)
         timings = {"glm": job.glm_ms, **timings_ms}
         if job.arrival is None:
@@ -182,7 +183,7 @@ class DecodeWorker:
                 flags.append("late")
         result = Result(job.session, job.run, job.trial, job.image_id, job.volume_index, embedding_norm, top_k,
                         {stage: round(ms, 4) for stage, ms in timings.items()}, tuple(flags), self.stamper.envelope(),
-                        lowlevel_png=lowlevel_png)
+                        image_png=image_png, lowlevel_png=lowlevel_png)
         send(self.publisher, result)
         published_unix_s = time.time()
         self.counters["published"] += 1
@@ -226,7 +227,9 @@ class ResultsLog:
         record = {"session": result.session, "run": result.run, "trial": result.trial, "image_id": result.image_id,
                   "volume_index": result.volume_index, "embedding_norm": result.embedding_norm,
                   "top_k": [[r.image_id, r.score] for r in result.top_k], "timings_ms": result.timings_ms,
-                  "flags": list(result.flags), "published_unix_s": published_unix_s, "batch_size": batch_size}
+                  "flags": list(result.flags), "images": [name for name, png in (("reconstruction", result.image_png),
+                  ("lowlevel", result.lowlevel_png)) if png is not None],
+                  "published_unix_s": published_unix_s, "batch_size": batch_size}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self.published.add((result.session, result.run, result.trial))

@@ -70,9 +70,11 @@ def report(out_dir: Path, shared_images: set[int]) -> None:
     shown_shared = [r for r in results if r["top_k"] and r["image_id"] in shared_images]
     hits = sum(r["top_k"][0][0] == r["image_id"] for r in shown_shared)
     skipped = sum("skipped" in r["flags"] for r in results)
+    reconstructed = sum("reconstruction" in r.get("images", ()) for r in results)
     print(f"live: {len(results)} trials published ({skipped} skipped); top-1 among the {len(shared_images)} shared "
           f"images, over the {len(shown_shared)} trials that showed one: {hits / max(1, len(shown_shared)):.1%} "
           f"(chance {1 / len(shared_images):.1%})")
+    print(f"reconstructions: {reconstructed} of {len(results)} trials (shown in the viewer beside the seen image)")
     latency = json.loads((out_dir / "latency.json").read_text())
     end_to_end = latency["stages"].get("end_to_end")
     if end_to_end:

@@ -198,3 +198,67 @@ def test_candidate_ids_and_bank_from_the_world(tiny_world, tmp_path):
     # An image's own tokens retrieve it first, with cosine 1.
     for image_id, ranked in zip(shared[:3], bank.top_k(tokens, 2)):
         assert ranked[0][0] == image_id and ranked[0][1] == pytest.approx(1.0, abs=1e-5)
+
+
+# --- reconstructions: the prior's tokens through a generator, every decoded trial ------------------------
+
+def tiny_generator(token_dim: int = DIM, tokens: int = TOKENS):
+    """A 8 px pixel-space generator over the tiny model's token shape (random weights: shapes and plumbing)."""
+    from mindeye.generator import build_pipeline, generator_config
+
+    cfg = generator_config("tiny")
+    cfg["unet"].update(sample_size=8, block_out_channels=[8, 16], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                       up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], norm_num_groups=4, attention_head_dim=2,
+                       cross_attention_dim=token_dim, addition_time_embed_dim=4, projection_class_embeddings_input_dim=16)
+    torch.manual_seed(0)
+    pipe = build_pipeline(cfg, clip_id="test-encoder", clip_tokens=tokens, sampler="euler")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_every_decoded_trial_gets_a_reconstruction_blended_with_its_low_level_image(checkpoint):
+    from mindeye.generator import GenerationSettings
+
+    path, _, _ = checkpoint
+    pipe = tiny_generator()
+    kwargs = dict(bank=None, codec=PixelCodec(8), image_size=24, prior_steps=4, generator=pipe)
+    unblended = TorchBackend.from_checkpoint(path, generation=GenerationSettings(2, 1.0, 0.0), **kwargs)
+    blended = TorchBackend.from_checkpoint(path, generation=GenerationSettings(2, 1.0, 0.25), **kwargs)
+    x = betas(3, 40)
+    plain, mixed = unblended.decode("subj01", x), blended.decode("subj01", x)
+    assert plain.reconstruction_bhw3.shape == (3, 24, 24, 3) and plain.reconstruction_bhw3.dtype == np.uint8
+    # the same trial decodes to the same picture; the blend is 0.75 generated + 0.25 low-level
+    np.testing.assert_array_equal(unblended.decode("subj01", x).reconstruction_bhw3, plain.reconstruction_bhw3)
+    expected = 0.75 * plain.reconstruction_bhw3 + 0.25 * mixed.lowlevel_bhw3.astype(float)
+    assert np.abs(mixed.reconstruction_bhw3 - expected).max() <= 1.5
+    # the generator's noise depends on the trial: two different trials do not share it
+    assert not np.array_equal(plain.reconstruction_bhw3[0], plain.reconstruction_bhw3[1])
+
+
+def test_a_generator_needs_the_prior_and_the_models_token_shape(checkpoint):
+    path, _, _ = checkpoint
+    with pytest.raises(ValueError, match="prior_steps must be >= 1"):
+        TorchBackend.from_checkpoint(path, bank=None, image_size=24, prior_steps=0, generator=tiny_generator())
+    with pytest.raises(ValueError, match="different CLIP encoders"):
+        TorchBackend.from_checkpoint(path, bank=None, image_size=24, prior_steps=2,
+                                     generator=tiny_generator(token_dim=DIM * 2))
+
+
+def test_the_service_loads_only_a_generator_of_the_datas_clip_encoder(tmp_path):
+    from mindeye.clip import clip_identity
+    from mindeye.config import load_config
+    from mindeye.targets import target_clip_config
+    from realtime.cli import load_generator
+
+    assert load_generator(load_config("realtime", ["checkpoint=x", "generate.generator=null"])) is None
+    pipe = tiny_generator()  # trained, as far as its config says, on "test-encoder"
+    pipe.save_pretrained(tmp_path / "gen")
+    cfg = load_config("realtime", ["checkpoint=x", f"generate.generator={tmp_path / 'gen'}",
+                                   f"data.root={tmp_path / 'world'}"])
+    cfg.data.clip = {"name": "tiny_vit", "weights": "random", "seed": 0,
+                     "vision": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "heads": 4}}
+    with pytest.raises(ValueError, match="trained on CLIP 'test-encoder'"):
+        load_generator(cfg)
+    pipe.register_to_config(clip_id=clip_identity(target_clip_config(cfg.data)))
+    pipe.save_pretrained(tmp_path / "gen")
+    assert load_generator(cfg).config.clip_id == clip_identity(cfg.data.clip)

@@ -1,6 +1,7 @@
 """The decode thread: submit never blocks, the queue stays bounded, every trial gets one result."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -81,3 +82,36 @@ def test_a_slow_decoder_skips_the_oldest_trials_and_publishes_every_one(sockets)
     assert worker.counters == {"decoded": 4, "skipped": 6, "unestimable": 1, "batches": 3, "published": 11}
     received = [recv(subscriber, 1000) for _ in range(11)]  # the same results went out on the PUB socket
     assert sorted(r.trial for r in received) == list(range(11))
+
+
+class PictureBackend(GatedBackend):
+    """Decodes at once; each trial's reconstruction is a flat image whose grey level is the trial number."""
+
+    def decode(self, subject: str, betas_bv: np.ndarray) -> DecodedBatch:
+        n = len(betas_bv)
+        pictures = np.broadcast_to(betas_bv[:, :1, None, None].astype(np.uint8), (n, 6, 6, 3)).copy()
+        return DecodedBatch(np.ones(n), [[(7, 0.5)]] * n, None, np.zeros((n, 4, 4, 3), np.uint8), 1.0, 2.0,
+                            reconstruction_bhw3=pictures)
+
+
+def test_each_trial_goes_out_with_its_own_reconstruction_as_png(sockets, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from realtime.decoder import ResultsLog
+
+    publisher, subscriber = sockets
+    log = ResultsLog(tmp_path / "results.jsonl")
+    worker = DecodeWorker(PictureBackend(), publisher, sinks=[log], max_pending=8, max_batch=4)
+    worker.start()
+    for trial in (3, 5, 9):
+        worker.submit(job(trial))
+    worker.stop()
+    log.close()
+    received = {r.trial: r for r in (recv(subscriber, 1000) for _ in range(3))}
+    for trial, result in received.items():
+        picture = np.asarray(Image.open(io.BytesIO(bytes(result.image_png))))
+        assert picture.shape == (6, 6, 3) and (picture == trial).all()
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in records] == [["reconstruction", "lowlevel"]] * 3

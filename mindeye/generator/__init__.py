@@ -2,7 +2,7 @@
 
 `build_pipeline` makes one from a config (`configs/generator/<name>.yaml`: paper, small, tiny),
 `load_pipeline` reads a saved folder (diffusers' format, local only), `convert` imports MindEye2's
-published unCLIP checkpoint.
+published unCLIP checkpoint, `reconstruct` makes (blended) reconstructions from tokens in batches.
 """
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from mindeye.config import CONFIG_DIR
 from mindeye.errors import FormatError, MissingFileError
-from mindeye.generator.pipeline import MindEyeUnCLIPPipeline, UnCLIPOutput, blend_with_low_level, to_uint8
+from mindeye.generator.pipeline import GenerationSettings, MindEyeUnCLIPPipeline, UnCLIPOutput, blend_with_low_level, to_uint8
+from mindeye.generator.reconstruct import EncoderMismatch, default_steps, reconstruct, require_encoder
 from mindeye.generator.schedulers import SAMPLERS, make_scheduler, sampler_name
 from mindeye.generator.unet import build_unet, count_parameters, micro_conditioning_ids
 
 GENERATOR_CONFIG_DIR = CONFIG_DIR / "generator"
 
-__all__ = ["MindEyeUnCLIPPipeline", "UnCLIPOutput", "SAMPLERS", "blend_with_low_level", "build_pipeline",
+__all__ = ["GenerationSettings", "MindEyeUnCLIPPipeline", "UnCLIPOutput", "SAMPLERS", "blend_with_low_level", "build_pipeline",
            "build_unet", "count_parameters", "generator_config", "load_pipeline", "make_scheduler",
-           "micro_conditioning_ids", "sampler_name", "to_uint8"]
+           "micro_conditioning_ids", "sampler_name", "to_uint8",
+           "EncoderMismatch", "default_steps", "reconstruct", "require_encoder"]
 
 
 def generator_config(config: str | Path | Mapping[str, Any] | DictConfig) -> dict[str, Any]:
@@ -61,8 +63,10 @@ def build_pipeline(config, *, clip_id: str, clip_tokens: int, sampler: str | Non
 
 
 def load_pipeline(path: str | Path, *, sampler: str | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> MindEyeUnCLIPPipeline:
-    """A saved generator folder (save_pretrained), optionally with another sampler; never downloads."""
+                  dtype: torch.dtype = torch.float32, clip_id: str | None = None) -> MindEyeUnCLIPPipeline:
+    """A saved generator folder (save_pretrained), optionally with another sampler; never downloads.
+    With `clip_id` (`mindeye.clip.clip_identity` of the tokens' encoder), a generator trained on another
+    encoder is refused (EncoderMismatch) before its weights are moved anywhere."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise MissingFileError(path / "model_index.json", "generator folder (diffusers format)",
@@ -73,6 +77,8 @@ def load_pipeline(path: str | Path, *, sampler: str | None = None, device: str |
     except (OSError, ValueError, KeyError) as error:
         raise FormatError(path, "generator folder", "a MindEyeUnCLIPPipeline saved with save_pretrained",
                           f"{type(error).__name__}: {error}") from error
+    if clip_id is not None:
+        require_encoder(pipe, clip_id, generator=f"the generator in {path}")
     if sampler is not None:
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)

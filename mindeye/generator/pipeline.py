@@ -40,6 +40,24 @@ class UnCLIPOutput(BaseOutput):
     generated: np.ndarray | torch.Tensor
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a reconstruction is made from its tokens: sampler steps, guidance scale (folded into a student),
+    the weight of the low-level image in the final blend, and the img2img start (1.0: from pure noise)."""
+
+    steps: int = 4
+    guidance_scale: float = 3.0
+    lowlevel_blend: float = 0.25
+    img2img_strength: float = 1.0
+
+    def check(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"generation steps must be an integer >= 1, got {self.steps!r}")
+        if not 0.0 <= self.lowlevel_blend <= 1.0 or not 0.0 < self.img2img_strength <= 1.0:
+            raise ValueError(f"lowlevel_blend must be in [0, 1] and img2img_strength in (0, 1], got "
+                             f"{self.lowlevel_blend} and {self.img2img_strength}")
+
+
 def guidance_embedding(scale_b: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding (B, dim) of guidance scales w, the student's `timestep_cond` (as LCM: of (w - 1) * 1000)."""
     w_b = (scale_b.float() - 1.0) * 1000.0
