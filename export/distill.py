@@ -71,7 +71,10 @@ def x0_and_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_b: torch.Tenso
 
 def make_student(teacher: UNet2DConditionModel, guidance_dim: int) -> UNet2DConditionModel:
     """The teacher with a guidance-scale embedding added to its timestep embedding, zero-initialised."""
-    student = UNet2DConditionModel.from_config({**teacher.config, "time_cond_proj_dim": guidance_dim})
+    # without `_use_default_values`: from_config drops the keys it lists (time_cond_proj_dim among them for a
+    # UNet built in memory), which would discard the override and build a student without the embedding
+    config = {k: v for k, v in teacher.config.items() if k != "_use_default_values"}
+    student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": guidance_dim})
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or missing != ["time_embedding.cond_proj.weight"]:
         raise RuntimeError(f"student and teacher layouts differ: missing {missing}, unexpected {unexpected}")
@@ -147,7 +150,6 @@ def distill(cfg: DictConfig) -> Path:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     accelerator = Accelerator(cpu=cfg.cpu)
-    set_seed(cfg.seed)
     teacher = load_pipeline(cfg.teacher, device=accelerator.device)
     if teacher.is_student:
         raise ValueError(f"{cfg.teacher} is already a distilled student; distil from the full-step teacher")
@@ -155,6 +157,7 @@ def distill(cfg: DictConfig) -> Path:
         raise ValueError(f"the teacher {cfg.teacher} was trained on CLIP {teacher.config.clip_id!r}, the world's "
                          f"encoder is {clip_identity(cfg.world.clip)!r}")
     teacher.unet.requires_grad_(False).eval()
+    set_seed(cfg.seed)
     embedder = build_clip_embedder(cfg.world.clip, device=str(accelerator.device))
 
     student = make_student(teacher.unet, cfg.guidance_embedding_dim).train()

@@ -1,6 +1,7 @@
 """Shared fixtures. The tiny synthetic world is generated once per test session."""
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub look-up would otherwise retry for minutes
@@ -9,6 +10,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mindeye.config import load_config  # noqa: E402
+
+# A ~65 k-parameter generator UNet (8 px, token width 8): the generator and distillation tests' size
+SMALL_UNET = {"sample_size": 8, "block_out_channels": [8, 16],
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4,
+              "attention_head_dim": 2, "cross_attention_dim": 8, "addition_time_embed_dim": 4,
+              "projection_class_embeddings_input_dim": 16}
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +37,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def small_generator_cfg():
+    """A factory of generator configs: configs/generator/tiny.yaml with SMALL_UNET, a fresh dict a call;
+    keyword arguments override UNet keys (cross_attention_dim=64: the tiny world's tokens)."""
+    from mindeye.generator import generator_config
+
+    def make(**unet_overrides) -> dict:
+        cfg = generator_config("tiny")
+        cfg["unet"].update(copy.deepcopy(SMALL_UNET), **unet_overrides)
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def small_cfg(small_generator_cfg) -> dict:
+    """configs/generator/tiny.yaml with a ~65 k-parameter UNet: 8 px, token width 8."""
+    return small_generator_cfg()

@@ -8,7 +8,6 @@ the scene stream (batch s = scenes s B .. (s + 1) B - 1 of a seed that is not th
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -24,7 +23,6 @@ from mindeye.generator import (
     SAMPLERS,
     build_pipeline,
     build_unet,
-    generator_config,
     load_pipeline,
     make_scheduler,
     micro_conditioning_ids,
@@ -32,24 +30,12 @@ from mindeye.generator import (
 )
 from mindeye.generator.pipeline import guidance_embedding
 
+from conftest import SMALL_UNET  # tests/conftest.py: the small UNet, also the distillation tests'
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-B, L, D = 2, 4, 8  # batch, CLIP tokens, token width of the small test generator
+B, L, D = 2, 4, 8  # batch, CLIP tokens, token width of the small test generator (SMALL_UNET's)
 CLIP_ID = "test_vit:random:000000000000"
-
-SMALL_UNET = {"sample_size": 8, "block_out_channels": [8, 16],
-              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4,
-              "attention_head_dim": 2, "cross_attention_dim": D, "addition_time_embed_dim": 4,
-              "projection_class_embeddings_input_dim": 16}
-
-
-@pytest.fixture
-def small_cfg() -> dict:
-    """configs/generator/tiny.yaml with a ~65 k-parameter UNet: 8 px, token width 8."""
-    cfg = generator_config("tiny")
-    cfg["unet"].update(copy.deepcopy(SMALL_UNET))
-    return cfg
 
 
 @pytest.fixture
