@@ -107,9 +107,10 @@ def train_generator(cfg: DictConfig) -> Path:
                          num_workers=cfg.loader_workers, prefetch_factor=4 if cfg.loader_workers else None,
                          generator=torch.Generator())
     window, started = [], time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="generator", disable=not cfg.progress)
+    last = min(cfg.steps, cfg.stop_after or cfg.steps)  # stop_after: end early, the schedule still spans `steps`
+    bar = tqdm(total=last, initial=step, desc="generator", disable=not cfg.progress)
     for images in batches:
-        if step >= cfg.steps:
+        if step >= last:
             break
         images_b3hw = to_unit(images).to(accelerator.device)
         with torch.no_grad():
@@ -125,16 +126,16 @@ def train_generator(cfg: DictConfig) -> Path:
         window.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(window):.4f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == last:
             records.append({"step": step, "loss": float(np.mean(window)), "lr": scheduler.get_last_lr()[0],
                             "s_per_step": (time.perf_counter() - started) / len(window)})
             window, started = [], time.perf_counter()
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == last:
             save_state(accelerator, state_dir, {"step": step, "records": records})
             (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             plot_loss(records, out_dir / "training.png", ylabel="min-SNR weighted MSE",
                       title="generator training loss")
-        if step % cfg.sample_every == 0 or step == cfg.steps:
+        if step % cfg.sample_every == 0 or step == last:
             with ema_weights(ema, unet):
                 preview_grid(pipe, embedder, held_out, out_dir / "samples" / f"step-{step:06d}.png",
                              steps=cfg.generator.sampling.steps, guidance_scale=cfg.generator.sampling.guidance_scale)
