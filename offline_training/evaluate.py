@@ -4,12 +4,15 @@ For each test image, the model's outputs on its repeats are averaged (as the pap
 retrieval compares the averaged retrieval tokens with the images' CLIP tokens (300-way x 30,
 or k-way with fewer test images); the low-level head's averaged latent is decoded into the
 blurry reconstruction, scored with PixCorr, SSIM and the feature metrics (reported as
-unavailable where their weights are absent). Full reconstructions need the unCLIP generator,
-which is not part of this stage yet.
+unavailable where their weights are absent; a synthetic world adds two 2-way columns that need
+no weights). With a generator (`generator.path`), the diffusion prior samples image tokens from
+the averaged backbone tokens and the unCLIP generator turns them into images, scored alone and
+blended with the blurry ones; the seen images' own CLIP tokens through the same generator give
+its ceiling.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +21,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from mindeye.clip import clip_identity
 from mindeye.config import CONFIG_DIR
-from mindeye.evaluation import evaluate_reconstructions, save_image_grid, write_table
+from mindeye.evaluation import (FeatureExtractor, evaluate_reconstructions, save_image_grid, world_feature_extractors,
+                                write_table)
+from mindeye.generator import (EncoderMismatch, GenerationSettings, MindEyeUnCLIPPipeline, UnCLIPOutput, default_steps,
+                               load_pipeline, reconstruct)
 from mindeye.metrics import RetrievalScore, retrieval_top1
-from mindeye.models import MindEyeOutput, load_checkpoint
+from mindeye.models import MindEye2, MindEyeOutput, load_checkpoint
 from mindeye.nsd import NSDLayout, StimulusBrick
-from mindeye.targets import build_target_cache
+from mindeye.targets import build_target_cache, target_clip_config
 from offline_training.data import SubjectData, average_by_image, load_subject
 
 
@@ -63,43 +70,98 @@ def test_retrieval(outputs: TestOutputs, targets, seed: int = 0) -> RetrievalSco
     return retrieval_top1(outputs.retrieval_tokens, tokens, seed=seed)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """How reconstructions are made: the prior's sampling, then the generator's."""
+
+    pipe: MindEyeUnCLIPPipeline
+    settings: GenerationSettings
+    prior_steps: int = 15
+    prior_sampler: str = "dpmpp"
+    seed: int = 0
+
+    def images(self, image_tokens_nld: np.ndarray, blurry: np.ndarray | None, size: int) -> UnCLIPOutput:
+        """`reconstruct`'s output (.generated, .images blended with `blurry`) at size x size pixels."""
+        return reconstruct(self.pipe, image_tokens_nld, low_level_nhwc=blurry, settings=self.settings, seed=self.seed,
+                           output_size=size)
+
+    @torch.no_grad()
+    def sample_tokens(self, model: MindEye2, backbone_nld: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Image tokens the prior samples from backbone tokens, noise drawn batch after batch from `seed`."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return np.concatenate([model.prior.sample(torch.from_numpy(backbone_nld[start:start + batch_size]),
+                                                  steps=self.prior_steps, sampler=self.prior_sampler,
+                                                  generator=generator).float().numpy()
+                               for start in range(0, len(backbone_nld), batch_size)])
+
+
+def load_generation(cfg: DictConfig, data_cfg: DictConfig) -> Generation | None:
+    """The `generator` config block's Generation (None without a path); exits with one message if the
+    generator was trained on another CLIP encoder than the data's."""
+    if cfg.path is None:
+        return None
+    try:
+        pipe = load_pipeline(cfg.path, clip_id=clip_identity(target_clip_config(data_cfg)))
+    except EncoderMismatch as error:
+        raise SystemExit(f"mindeye-evaluate: {error}") from None
+    settings = GenerationSettings(steps=int(cfg.steps or default_steps(pipe)), guidance_scale=float(cfg.guidance_scale),
+                                  lowlevel_blend=float(cfg.lowlevel_blend))
+    return Generation(pipe, settings, int(cfg.prior_steps), str(cfg.prior_sampler), int(cfg.seed))
+
+
 def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, stimuli: StimulusBrick, *,
-                        weights_dir: Path | None = None, seed: int = 0) -> tuple[dict, TestOutputs, np.ndarray | None]:
-    """One table row, the averaged outputs, and the blurry reconstructions (uint8 (n, H, W, 3); None
-    without a low-level head)."""
+                        weights_dir: Path | None = None, seed: int = 0,
+                        world_extractors: Sequence[FeatureExtractor] = (), generation: Generation | None = None
+                        ) -> tuple[dict[str, dict], dict[str, np.ndarray], TestOutputs]:
+    """Table rows and images (uint8 (n, H, W, 3)) by kind - "blurry" (the low-level head), "generated" and
+    "blend" (with `generation`) - and the averaged outputs; without images, one row "" of retrieval alone."""
     model = load_checkpoint(checkpoint)
     outputs = predict_test_set(model, data)
     retrieval = test_retrieval(outputs, targets, seed=seed)
     seen = stimuli[outputs.image_ids]
-    if outputs.low_level is None:
-        return {"Image retrieval": retrieval.image_top1, "Brain retrieval": retrieval.brain_top1}, outputs, None
-    blurry = codec.decode(torch.from_numpy(outputs.low_level), image_size=seen.shape[1])
-    blurry = (blurry.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    row = evaluate_reconstructions(blurry, seen, weights_dir=weights_dir, retrieval=retrieval)
-    return row, outputs, blurry
+    images = {}
+    if outputs.low_level is not None:
+        blurry = codec.decode(torch.from_numpy(outputs.low_level), image_size=seen.shape[1])
+        images["blurry"] = (blurry.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    if generation is not None:
+        made = generation.images(generation.sample_tokens(model, outputs.backbone_tokens), images.get("blurry"),
+                                 seen.shape[1])
+        images["generated"] = made.generated
+        if "blurry" in images:
+            images["blend"] = made.images
+    if not images:
+        return {"": {"Image retrieval": retrieval.image_top1, "Brain retrieval": retrieval.brain_top1}}, images, outputs
+    return {kind: evaluate_reconstructions(recon, seen, weights_dir=weights_dir, retrieval=retrieval,
+                                           world_extractors=world_extractors)
+            for kind, recon in images.items()}, images, outputs
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     checkpoints = cfg.checkpoints if isinstance(cfg.checkpoints, DictConfig) else {"model": cfg.checkpoints}
+    generation = load_generation(cfg.generator, cfg.data)  # before anything heavy: refuses another encoder's
     data = load_subject(cfg.data, cfg.subject)
     targets = build_target_cache(cfg.data)
+    world = world_feature_extractors(targets.embedder) if cfg.data.clip == "world" else ()
     stimuli = StimulusBrick(NSDLayout(Path(cfg.data.root)).stimuli())
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, grid_rows, grid_labels = {}, [], []
+    rows, grid = {}, {}
     for name, path in checkpoints.items():
-        row, outputs, blurry = evaluate_checkpoint(Path(path), data, targets, targets.codec, stimuli,
-                                                   weights_dir=cfg.weights_dir, seed=cfg.seed)
-        rows[f"{name} (blurry)" if blurry is not None else name] = row
-        if not grid_rows:
-            grid_rows.append(stimuli[outputs.image_ids[:cfg.grid_images]])
-            grid_labels.append("seen")
-        if blurry is not None:
-            grid_rows.append(blurry[:cfg.grid_images])
-            grid_labels.append(f"{name}: blurry")
+        checkpoint_rows, images, outputs = evaluate_checkpoint(
+            Path(path), data, targets, targets.codec, stimuli, weights_dir=cfg.weights_dir, seed=cfg.seed,
+            world_extractors=world, generation=generation)
+        rows.update({f"{name} ({kind})" if kind else name: row for kind, row in checkpoint_rows.items()})
+        grid.setdefault("seen", stimuli[outputs.image_ids])
+        grid.update({f"{name}: {kind}": kind_images for kind, kind_images in images.items()})
+    if generation is not None:  # the generator's ceiling: the seen images' own tokens
+        seen = grid["seen"]
+        grid["true tokens: generated"] = generation.images(targets.get(outputs.image_ids)[0], None,
+                                                           seen.shape[1]).generated
+        rows["true tokens (generated)"] = evaluate_reconstructions(grid["true tokens: generated"], seen,
+                                                                   weights_dir=cfg.weights_dir, world_extractors=world)
     write_table(rows, out_dir / "eval.md", out_dir / "eval.json")
-    save_image_grid(grid_rows, grid_labels, out_dir / "grid.png")
+    save_image_grid(list(grid.values()), list(grid), out_dir / "grid.png", max_columns=cfg.grid_images)
     print((out_dir / "eval.md").read_text())
     print(f"wrote {out_dir / 'eval.md'}, {out_dir / 'eval.json'} and {out_dir / 'grid.png'}")
 

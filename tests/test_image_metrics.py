@@ -325,3 +325,35 @@ def test_save_image_grid_writes_a_png_of_the_documented_size(tmp_path):
     assert tuple(pixels[4 + 20, 50 + 4 + 20]) == (255, 0, 0)  # first cell of row 1
     assert tuple(pixels[4 + 44 + 20, 50 + 4 + 44 + 20]) == (0, 0, 255)  # second cell of row 2
     assert tuple(pixels[4 + 44 + 20, 50 + 4 + 2 * 44 + 20]) == (255, 255, 255)  # row 2 has no third image
+
+
+def test_write_table_adds_the_world_columns_some_row_has_and_shows_chosen_columns(tmp_path):
+    results = {"generated": {"PixCorr": 0.25, "SSIM": 0.5, "World CLIP": 0.9512, "Rand. AlexNet": 0.875},
+               "blurry": {"PixCorr": 0.5, "SSIM": 0.625}}
+    write_table(results, tmp_path / "t.md", tmp_path / "t.json")
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert lines[0].endswith("| Brain retrieval ↑ | World CLIP ↑ | Rand. AlexNet ↑ |")  # after the paper's
+    assert lines[2].endswith("| 95.1 | 87.5 |") and lines[3].endswith("| n/a (1) | n/a (1) |")
+    write_table(results, tmp_path / "t.md", tmp_path / "t.json", columns=["PixCorr", "World CLIP"])
+    assert (tmp_path / "t.md").read_text().splitlines()[:4] == [
+        "| model | PixCorr ↑ | World CLIP ↑ |", "| --- | --- | --- |", "| generated | .250 | 95.1 |",
+        "| blurry | .500 | n/a (1) |"]
+    as_json = json.loads((tmp_path / "t.json").read_text())
+    assert as_json["generated"]["Rand. AlexNet"] == 0.875 and "World CLIP" not in as_json["blurry"]
+    write_table({"blurry": {"PixCorr": 0.5}}, tmp_path / "t.md", tmp_path / "t.json")
+    assert "World CLIP" not in (tmp_path / "t.md").read_text()  # tables without world rows are as before
+    with pytest.raises(ValueError, match="unknown columns"):
+        write_table(results, tmp_path / "t.md", tmp_path / "t.json", columns=["Pixcorr"])
+
+
+def test_save_image_grid_with_column_labels_has_a_header_strip(tmp_path):
+    images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    size = save_image_grid([images, images], ["a", "b"], tmp_path / "grid.png", cell_px=40, label_px=50,
+                           column_labels=["seen", "true\ntokens"], header_px=30)
+    with Image.open(tmp_path / "grid.png") as png:
+        assert png.size == size == (50 + 2 * (40 + 4) + 4, 30 + 2 * (40 + 4) + 4)
+        pixels = np.asarray(png.convert("RGB"))
+    assert tuple(pixels[30 + 4 + 20, 50 + 4 + 20]) == (0, 0, 0)  # the first cell starts below the header
+    assert (pixels[:30, 50:] < 128).any()  # the labels are drawn in the header
+    with pytest.raises(ValueError, match="column labels"):
+        save_image_grid([images], ["a"], tmp_path / "x.png", column_labels=["one"])

@@ -1,14 +1,25 @@
 """The MindEye2 paper's image-reconstruction evaluation (Table 1): metrics, feature networks, reports."""
 from mindeye.evaluation.features import (
     FEATURE_EXTRACTORS,
+    WORLD_FEATURE_EXTRACTORS,
+    ClipTokenFeatures,
     FeatureExtractor,
     MetricUnavailable,
     build_feature_extractor,
+    random_alexnet_features,
+    world_feature_extractors,
 )
 from mindeye.evaluation.image_metrics import correlation_distance, pixcorr, ssim, two_way_identification
-from mindeye.evaluation.report import METRIC_COLUMNS, evaluate_reconstructions, save_image_grid, write_table
+from mindeye.evaluation.report import (
+    METRIC_COLUMNS,
+    WORLD_COLUMNS,
+    evaluate_reconstructions,
+    save_image_grid,
+    write_table,
+)
 
 __all__ = [
+    "ClipTokenFeatures",
     "FEATURE_EXTRACTORS",
     "FeatureExtractor",
     "METRIC_COLUMNS",
@@ -17,8 +28,12 @@ __all__ = [
     "correlation_distance",
     "evaluate_reconstructions",
     "pixcorr",
+    "random_alexnet_features",
     "save_image_grid",
     "ssim",
     "two_way_identification",
+    "WORLD_COLUMNS",
+    "WORLD_FEATURE_EXTRACTORS",
+    "world_feature_extractors",
     "write_table",
 ]

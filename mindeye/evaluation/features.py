@@ -18,6 +18,14 @@ Weights are looked up, in order, in `weights_dir`, in the torch hub cache
 (`torch.hub.get_dir()/checkpoints`, where torchvision and `torch.hub` keep them) and, for CLIP, in
 the Hugging Face cache (open_clip's copy of the OpenAI weights). Nothing is downloaded: a missing
 file raises `MetricUnavailable` naming where it was expected.
+
+A synthetic world has two more 2-way columns that need no downloaded weights
+(`world_feature_extractors`, WORLD_FEATURE_EXTRACTORS):
+
+| name           | network (weights)                               | output read              | input            |
+| -------------- | ----------------------------------------------- | ------------------------ | ---------------- |
+| world_clip     | the data's own CLIP encoder (`mindeye.clip`)    | patch tokens, flattened  | its own (tiny: 64 px) |
+| random_alexnet | AlexNet, random weights drawn from a fixed seed | features.11 (conv5 ReLU) | 256 px           |
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from mindeye.clip import ClipImageEmbedder
 from mindeye.errors import FormatError
 from mindeye.evaluation.image_metrics import PAPER_DOWNSAMPLE_ANTIALIAS, images_to_nchw, resize_nchw
 
@@ -227,6 +236,57 @@ def build_feature_extractor(name: str, weights_dir: Path | None = None, *, devic
                                 expected_path=candidates[0])
     return TorchFeatureExtractor(name, recipe.metric, recipe.load(found), recipe.input_size, recipe.mean,
                                  recipe.std, device=device, batch_size=batch_size)
+
+
+class ClipTokenFeatures(FeatureExtractor):
+    """The flattened patch tokens of a CLIP image encoder (a `mindeye.clip.ClipImageEmbedder`, which resizes
+    the images to its own input size and normalises them itself), in float32."""
+
+    metric: MetricKind = "two_way"
+
+    def __init__(self, embedder: ClipImageEmbedder, name: str = "world_clip", batch_size: int = 64):
+        self.embedder, self.name, self.batch_size = embedder, name, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images_nhwc: np.ndarray) -> np.ndarray:
+        images_nchw = images_to_nchw(images_nhwc, f"{self.name} input")
+        device = self.embedder.mean.device
+        return np.concatenate([self.embedder(images_nchw[start:start + self.batch_size].to(device))
+                               .flatten(1).float().cpu().numpy()
+                               for start in range(0, len(images_nchw), self.batch_size)])
+
+
+RANDOM_ALEXNET_SEED = 1
+
+
+def random_alexnet_features(seed: int = RANDOM_ALEXNET_SEED, *, device: str | torch.device = "cpu",
+                            batch_size: int = 32) -> FeatureExtractor:
+    """AlexNet with torchvision's random initialisation drawn from `seed` (the global RNG is left as it was),
+    read at features.11 (Alex(5)'s layer), fed as Alex(5) is (256 px, ImageNet normalisation).
+
+    Why this network: the world's generator is conditioned on the world's CLIP tokens, so a generator that
+    only reproduces those tokens scores on `world_clip` without having to reproduce the image. This
+    metric shares neither weights nor architecture family with that encoder (a ViT): local convolutions
+    and pooling, five layers deep. A ViT with another seed (e.g. configs/clip/small_vit.yaml) would share
+    the family, and on the small world, whose encoder *is* small_vit, the architecture too. Untrained
+    convolutional features still carry colour, texture and layout (texture synthesis works from random-weight
+    CNNs, Ustyuzhaninov et al. 2017); features.11 is the deepest, least pixel-like of AlexNet's.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = models.alexnet(weights=None)
+    return TorchFeatureExtractor("random_alexnet", "two_way", NodeOutput(network, "features.11"), 256,
+                                 IMAGENET_MEAN, IMAGENET_STD, device=device, batch_size=batch_size)
+
+
+WORLD_FEATURE_EXTRACTORS: tuple[str, ...] = ("world_clip", "random_alexnet")
+
+
+def world_feature_extractors(embedder: ClipImageEmbedder, *, device: str | torch.device = "cpu"
+                             ) -> tuple[FeatureExtractor, ...]:
+    """The weightless 2-way extractors of a synthetic world, in WORLD_FEATURE_EXTRACTORS order: its own CLIP
+    encoder `embedder` (e.g. `build_target_cache(data_cfg).embedder`) and the random AlexNet."""
+    return ClipTokenFeatures(embedder), random_alexnet_features(device=device)
 
 
 def _recipe(name: str) -> _Recipe:

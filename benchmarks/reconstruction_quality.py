@@ -1,0 +1,176 @@
+"""How good the world's reconstructions are: from the seen images' true CLIP tokens (the generator's ceiling)
+and from brain-decoded tokens, with the full-step teacher and the few-step student.
+
+Images: the tiny world's shared test images (every subject sees them 3 times; the generator was trained on
+an endless stream of other scenes, never on the world's stimuli). For each generator given:
+- true tokens: the images' own CLIP tokens (the world's encoder) -> generator (target: 2-way >= 95 %);
+- brain-decoded: a subject's test-set outputs averaged over each image's repeats, the diffusion prior's
+  image tokens sampled from the backbone tokens (dpmpp, 15 steps) -> generator; alone, and blended 0.25
+  with the low-level head's blurry image (MindEye2's final images); the blurry images alone too.
+  Subject 1: the model live_vs_offline_decoding.py trains (scratch, sessions 1-4, 100 epochs). Subject 8:
+  pretrained on subjects 1-7 (20 epochs), fine-tuned on its session 1 only (as one_session_claim.py:
+  60 epochs), the paper's 1-hour setting.
+Metrics (mindeye.evaluation, on the paper's 256 px): PixCorr, SSIM and 2-way identification among the 30
+test images (chance 50 %) with the world's own CLIP encoder (flattened tokens) and with a seeded random
+AlexNet (conv5), a network the generator was not conditioned on. All of it is offline_training.evaluate's
+code (evaluate_checkpoint, Generation); the models are trained once and cached in --runs.
+
+    .venv/bin/python benchmarks/reconstruction_quality.py --teacher runs/generator/tiny-world/generator \\
+        --student runs/distill/tiny-world/student --out benchmarks/results/reconstruction_quality
+
+Writes <out>/table.md (the command line on top), table.json (every score, with the reasons for n/a) and
+grid.png (one row per test image; columns: seen | from true tokens | from brain-decoded tokens | low-level |
+blend), and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from live_vs_offline_decoding import TRAIN_OVERRIDES, train_checkpoint  # noqa: E402
+from one_session_claim import run_training  # noqa: E402
+
+from mindeye.clip import clip_identity  # noqa: E402
+from mindeye.config import load_config  # noqa: E402
+from mindeye.evaluation import (WORLD_COLUMNS, evaluate_reconstructions, save_image_grid,  # noqa: E402
+                                world_feature_extractors, write_table)
+from mindeye.generator import GenerationSettings, default_steps, load_pipeline  # noqa: E402
+from mindeye.nsd import NSDLayout, StimulusBrick  # noqa: E402
+from mindeye.targets import build_target_cache, target_clip_config  # noqa: E402
+from offline_training.data import load_subject  # noqa: E402
+from offline_training.evaluate import Generation, evaluate_checkpoint  # noqa: E402
+from simulators.world.generate import generate_world  # noqa: E402
+
+COLUMNS = ("PixCorr", "SSIM", *WORLD_COLUMNS)
+TARGET_TWO_WAY = 0.95  # from true tokens, both 2-way columns
+
+
+def subject8_checkpoint(root: Path, runs: Path, pretrain_epochs: int, subject_epochs: int, log) -> Path:
+    """Pretrain on subjects 1-7, fine-tune subject 8 on session 1 (one_session_claim.py's runs; cached)."""
+    data = [f"data.root={root}", "seed=0"]
+    pretrained = runs / f"pretrain-subj1-7-e{pretrain_epochs}"
+    run_training(pretrained, [*data, "mode=pretrain", "subjects=[1,2,3,4,5,6,7]", f"train.epochs={pretrain_epochs}"],
+                 log)
+    finetuned = runs / f"subj08-session1-e{subject_epochs}"
+    run_training(finetuned, [*data, "mode=finetune", "subjects=[8]", "train_sessions=[1]",
+                             f"init_from={pretrained / 'checkpoint'}", f"train.epochs={subject_epochs}",
+                             "train.eval.sample_every=0"], log)
+    return finetuned / "checkpoint"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=None, help="a full-step generator folder")
+    parser.add_argument("--student", type=Path, default=None, help="a distilled few-step generator folder")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reconstruction_quality"))
+    parser.add_argument("--data-root", type=Path, default=Path("data/world/tiny"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench/reconstruction_quality"),
+                        help="where the models are trained (reused when there)")
+    parser.add_argument("--checkpoint-subj1", type=Path, default=None, help="default: train one into <runs>/subj01")
+    parser.add_argument("--checkpoint-subj8", type=Path, default=None,
+                        help="default: pretrain 1-7 and fine-tune on session 1 in <runs>")
+    parser.add_argument("--pretrain-epochs", type=int, default=20)
+    parser.add_argument("--subject-epochs", type=int, default=60, help="subject 8's fine-tuning epochs")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="default: 38")
+    parser.add_argument("--student-steps", type=int, default=None, help="default: 4")
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--lowlevel-blend", type=float, default=0.25)
+    parser.add_argument("--prior-steps", type=int, default=15)
+    parser.add_argument("--prior-sampler", default="dpmpp")
+    parser.add_argument("--seed", type=int, default=0, help="the prior's and the generators' noise")
+    parser.add_argument("--grid-images", type=int, default=8)
+    args = parser.parse_args()
+    if args.teacher is None and args.student is None:
+        parser.error("give --teacher and/or --student (generator folders)")
+    started_s = time.monotonic()
+    command = " ".join([os.path.relpath(sys.executable), *sys.argv])
+    print("command:", command, flush=True)
+
+    root = args.data_root.resolve()
+    generate_world(load_config("world_generate").world, root, progress=False)  # reused when there
+    runs = args.runs.resolve()
+    checkpoints = {1: args.checkpoint_subj1 or train_checkpoint(root, runs / "subj01"),
+                   8: args.checkpoint_subj8 or subject8_checkpoint(root, runs, args.pretrain_epochs,
+                                                                   args.subject_epochs, print)}
+    data_cfg = load_config("evaluate", [f"data.root={root}"]).data
+    clip_id = clip_identity(target_clip_config(data_cfg))
+    generations, folders = {}, {}
+    for role, folder, steps in (("teacher", args.teacher, args.teacher_steps),
+                                ("student", args.student, args.student_steps)):
+        if folder is not None:
+            pipe = load_pipeline(folder, clip_id=clip_id)  # refuses a generator of another encoder
+            settings = GenerationSettings(steps=steps or default_steps(pipe), guidance_scale=args.guidance_scale,
+                                          lowlevel_blend=args.lowlevel_blend)
+            label = f"{role} ({settings.steps} steps)"
+            generations[label] = Generation(pipe, settings, args.prior_steps, args.prior_sampler, args.seed)
+            folders[label] = folder
+    targets = build_target_cache(data_cfg)
+    world = world_feature_extractors(targets.embedder)
+    stimuli = StimulusBrick(NSDLayout(root).stimuli())
+
+    # table rows, and the grid's columns {label: images (n, H, W, 3)} by kind
+    rows: dict[str, dict] = {}
+    true, decoded, low, blend = {}, {}, {}, {}
+    image_ids = seen = None
+    for subject, checkpoint in checkpoints.items():
+        data = load_subject(data_cfg, subject)
+        name = f"subj{subject:02d}"
+        for label, generation in generations.items():
+            print(f"{name}, {label}: {checkpoint}", flush=True)
+            scores, images, outputs = evaluate_checkpoint(checkpoint, data, targets, targets.codec, stimuli,
+                                                          world_extractors=world, generation=generation)
+            if image_ids is None:  # the generators' ceiling: the same images' true tokens
+                image_ids, seen = outputs.image_ids, stimuli[outputs.image_ids]
+                for true_label, true_generation in generations.items():
+                    print(f"true tokens, {true_label}", flush=True)
+                    made = true_generation.images(targets.get(image_ids)[0], None, seen.shape[1]).generated
+                    rows[f"true tokens, {true_label}"] = evaluate_reconstructions(made, seen, world_extractors=world)
+                    true[f"true tokens\n{true_label}"] = made
+            if not np.array_equal(outputs.image_ids, image_ids):
+                raise RuntimeError(f"{name}'s test images differ from the first subject's")
+            if f"{name} low-level" not in rows:
+                rows[f"{name} low-level"], low[f"{name}\nlow-level"] = scores["blurry"], images["blurry"]
+            rows[f"{name}, {label}"], rows[f"{name}, {label} + blend"] = scores["generated"], scores["blend"]
+            decoded[f"{name}\n{label}"], blend[f"{name} blend\n{label}"] = images["generated"], images["blend"]
+    columns = {"seen": seen, **true, **decoded, **low, **blend}
+    write_outputs(args, command, rows, columns, image_ids, checkpoints, folders, generations,
+                  time.monotonic() - started_s)
+
+
+def write_outputs(args, command: str, rows: dict, columns: dict, image_ids: np.ndarray, checkpoints: dict,
+                  folders: dict, generations: dict, elapsed_s: float) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    md, js = args.out / "table.md", args.out / "table.json"
+    write_table(rows, md, js, columns=COLUMNS)
+    trained = {1: " ".join(TRAIN_OVERRIDES) if args.checkpoint_subj1 is None else "given",
+               8: (f"pretrained on subjects 1-7, {args.pretrain_epochs} epochs; fine-tuned on session 1, "
+                   f"{args.subject_epochs} epochs") if args.checkpoint_subj8 is None else "given"}
+    first = next(iter(generations.values()))
+    header = [f"# Reconstructions on the `{args.data_root}` world", "", f"Command: `{command}`", "",
+              f"{len(image_ids)} shared test images (2-way chance 50 %), scored at 256 px. Prior: "
+              f"{first.prior_sampler}, {first.prior_steps} steps; guidance scale {first.settings.guidance_scale}; "
+              f"blend: {first.settings.lowlevel_blend} x low-level; seed {args.seed}.",
+              *(f"- {label}: `{os.path.relpath(folder)}`" for label, folder in folders.items()),
+              *(f"- subject {s}: `{os.path.relpath(c)}` ({trained[s]})" for s, c in checkpoints.items()), ""]
+    lowest = {label: min(row[c] for c in WORLD_COLUMNS) for label, row in rows.items() if label.startswith("true")}
+    footer = ["", f"Target from true tokens, 2-way >= {TARGET_TWO_WAY:.0%} with both networks: " + "; ".join(
+        f"{label}: {'met' if v >= TARGET_TWO_WAY else 'NOT met'} (lower {v:.1%})" for label, v in lowest.items()),
+        "", f"Total {elapsed_s:.0f} s."]
+    md.write_text("\n".join(header) + "\n" + md.read_text() + "\n".join(footer) + "\n")
+    labels = list(columns)
+    shown = range(min(args.grid_images, len(image_ids)))
+    save_image_grid([np.stack([columns[label][i] for label in labels]) for i in shown],
+                    [f"image {image_ids[i]}" for i in shown], args.out / "grid.png", cell_px=96, label_px=80,
+                    column_labels=labels, header_px=40)
+    print(md.read_text())
+    print(f"wrote {md}, {js} and {args.out / 'grid.png'}")
+
+
+if __name__ == "__main__":
+    main()
