@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline
+from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline, reconstruct
 from mindeye.models import MindEye2, load_calibration, load_checkpoint
 from mindeye.models.prior import check_sampler
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
@@ -200,16 +200,9 @@ class TorchBackend:
             lowlevel_bhw3 = (pixels_b3hw.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         reconstruction_bhw3 = None
         if self.generator is not None:
-            generation = self.generation
-            generator = torch.Generator(self.generator.device).manual_seed(
-                noise_seed(self.seed + 1, subject, betas_bv))
-            reconstruction_bhw3 = self.generator(
-                torch.from_numpy(image_tokens_bld), num_inference_steps=generation.steps,
-                guidance_scale=generation.guidance_scale, generator=generator,
-                low_level_images=pixels_b3hw if lowlevel_bhw3 is not None else None,
-                lowlevel_blend=generation.lowlevel_blend if lowlevel_bhw3 is not None else 0.0,
-                strength=generation.img2img_strength if lowlevel_bhw3 is not None else 1.0,
-                output_size=self.image_size).images
+            reconstruction_bhw3 = reconstruct(self.generator, image_tokens_bld, low_level_nhwc=lowlevel_bhw3,
+                                              settings=self.generation, output_size=self.image_size,
+                                              seed=noise_seed(self.seed + 1, subject, betas_bv)).images
         generated = time.perf_counter()
         return DecodedBatch(embedding_norm_b, top_k, image_tokens_bld, lowlevel_bhw3,
                             decode_ms=(decoded - start) * 1e3, generate_ms=(generated - decoded) * 1e3,

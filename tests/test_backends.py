@@ -257,7 +257,7 @@ def test_the_service_loads_only_a_generator_of_the_datas_clip_encoder(tmp_path):
                                    f"data.root={tmp_path / 'world'}"])
     cfg.data.clip = {"name": "tiny_vit", "weights": "random", "seed": 0,
                      "vision": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "heads": 4}}
-    with pytest.raises(ValueError, match="trained on CLIP 'test-encoder'"):
+    with pytest.raises(ValueError, match="trained on tokens of CLIP encoder 'test-encoder'"):
         load_generator(cfg)
     pipe.register_to_config(clip_id=clip_identity(target_clip_config(cfg.data)))
     pipe.save_pretrained(tmp_path / "gen")
