@@ -157,8 +157,8 @@ def distill(cfg: DictConfig) -> Path:
         raise ValueError(f"the teacher {cfg.teacher} was trained on CLIP {teacher.config.clip_id!r}, the world's "
                          f"encoder is {clip_identity(cfg.world.clip)!r}")
     teacher.unet.requires_grad_(False).eval()
-    set_seed(cfg.seed)
     embedder = build_clip_embedder(cfg.world.clip, device=str(accelerator.device))
+    set_seed(cfg.seed)  # after the encoder: building a random-weights one re-seeds torch with its own seed
 
     student = make_student(teacher.unet, cfg.guidance_embedding_dim).train()
     if cfg.lora_rank:

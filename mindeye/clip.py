@@ -89,12 +89,11 @@ def build_clip_embedder(cfg, device: str = "cpu") -> ClipImageEmbedder:
     if spec.weights == "random":
         if spec.vision is None:
             raise ValueError(f"CLIP '{spec.name}': weights: random needs a `vision` config (a small ViT)")
+        torch.manual_seed(spec.seed)  # the frozen random encoder is part of the world's ground truth
         v = spec.vision
-        with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random stream left as it was
-            torch.manual_seed(spec.seed)  # the frozen random encoder is part of the world's ground truth
-            visual = VisionTransformer(image_size=v["image_size"], patch_size=v["patch_size"], width=v["width"],
-                                       layers=v["layers"], heads=v["heads"], mlp_ratio=v.get("mlp_ratio", 4.0),
-                                       output_dim=v.get("output_dim", v["width"]), output_tokens=True)
+        visual = VisionTransformer(image_size=v["image_size"], patch_size=v["patch_size"], width=v["width"],
+                                   layers=v["layers"], heads=v["heads"], mlp_ratio=v.get("mlp_ratio", 4.0),
+                                   output_dim=v.get("output_dim", v["width"]), output_tokens=True)
     else:
         visual = _load_pretrained(spec).visual
     return ClipImageEmbedder(visual, spec).to(device)

@@ -77,8 +77,8 @@ def train_generator(cfg: DictConfig) -> Path:
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     accelerator = Accelerator(cpu=cfg.cpu)
-    set_seed(cfg.seed)
     embedder = build_clip_embedder(cfg.world.clip, device=str(accelerator.device))
+    set_seed(cfg.seed)  # after the encoder: building a random-weights one re-seeds torch with its own seed
     pipe = build_pipeline(cfg.generator, clip_id=clip_identity(cfg.world.clip), clip_tokens=embedder.n_tokens)
     pipe.set_progress_bar_config(disable=True)
     noise_schedule = make_scheduler("ddpm", cfg.generator.schedule)
