@@ -74,7 +74,8 @@ def report(out_dir: Path, shared_images: set[int]) -> None:
     print(f"live: {len(results)} trials published ({skipped} skipped); top-1 among the {len(shared_images)} shared "
           f"images, over the {len(shown_shared)} trials that showed one: {hits / max(1, len(shown_shared)):.1%} "
           f"(chance {1 / len(shared_images):.1%})")
-    print(f"reconstructions: {reconstructed} of {len(results)} trials (shown in the viewer beside the seen image)")
+    print(f"reconstructions: {reconstructed} of the {len(results) - skipped} decoded trials (in the viewer beside the "
+          f"seen image)")
     latency = json.loads((out_dir / "latency.json").read_text())
     end_to_end = latency["stages"].get("end_to_end")
     if end_to_end:
