@@ -40,7 +40,8 @@ from mindeye.clip import build_clip_embedder, clip_identity
 from mindeye.config import CONFIG_DIR
 from mindeye.generator import MindEyeUnCLIPPipeline, load_pipeline, make_scheduler, micro_conditioning_ids
 from mindeye.generator.pipeline import guidance_embedding
-from mindeye.generator.training import check_out_dir, load_state, plot_loss, preview_grid, save_state, to_unit
+from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, save_generator_folder,
+                                       save_state, to_unit)
 from mindeye.scenes import SceneBatches, paint_scene, sample_scene
 
 log = logging.getLogger(__name__)
@@ -232,12 +233,7 @@ def distill(cfg: DictConfig) -> Path:
     if cfg.lora_rank:
         final.fuse_lora()
         final.unload_lora()
-    path = out_dir / STUDENT_DIR
-    pipe = student_pipeline(teacher, final)
-    if cfg.save_fp16:
-        pipe.unet.half()
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    return save_generator_folder(student_pipeline(teacher, final), out_dir / STUDENT_DIR, half=cfg.save_fp16)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="distill", version_base="1.3")

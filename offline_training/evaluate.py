@@ -25,8 +25,8 @@ from mindeye.clip import clip_identity
 from mindeye.config import CONFIG_DIR
 from mindeye.evaluation import (FeatureExtractor, evaluate_reconstructions, save_image_grid, world_feature_extractors,
                                 write_table)
-from mindeye.generator import (EncoderMismatch, GenerationSettings, MindEyeUnCLIPPipeline, UnCLIPOutput, default_steps,
-                               load_pipeline, reconstruct)
+from mindeye.generator import (EncoderMismatch, GenerationSettings, MindEyeUnCLIPPipeline, Refinement, UnCLIPOutput,
+                               default_steps, load_pipeline, reconstruct, refine)
 from mindeye.metrics import RetrievalScore, retrieval_top1
 from mindeye.models import MindEye2, MindEyeOutput, load_checkpoint
 from mindeye.nsd import NSDLayout, StimulusBrick
@@ -79,6 +79,7 @@ class Generation:
     prior_steps: int = 15
     prior_sampler: str = "dpmpp"
     seed: int = 0
+    refinement: Refinement | None = None  # MindEye2's optional img2img refinement, rows "<name> (refined)"
 
     def images(self, image_tokens_nld: np.ndarray, blurry: np.ndarray | None, size: int) -> UnCLIPOutput:
         """`reconstruct`'s output (.generated, .images blended with `blurry`) at size x size pixels."""
@@ -100,13 +101,20 @@ def load_generation(cfg: DictConfig, data_cfg: DictConfig) -> Generation | None:
     generator was trained on another CLIP encoder than the data's."""
     if cfg.path is None:
         return None
+    encoder = clip_identity(target_clip_config(data_cfg))
     try:
-        pipe = load_pipeline(cfg.path, clip_id=clip_identity(target_clip_config(data_cfg)))
+        pipe = load_pipeline(cfg.path, clip_id=encoder)
+        base = None if cfg.refine.path is None else load_pipeline(cfg.refine.path, clip_id=encoder)
     except EncoderMismatch as error:
         raise SystemExit(f"mindeye-evaluate: {error}") from None
     settings = GenerationSettings(steps=int(cfg.steps or default_steps(pipe)), guidance_scale=float(cfg.guidance_scale),
                                   lowlevel_blend=float(cfg.lowlevel_blend))
-    return Generation(pipe, settings, int(cfg.prior_steps), str(cfg.prior_sampler), int(cfg.seed))
+    refinement = None
+    if base is not None:
+        refinement = Refinement(base, GenerationSettings(int(cfg.refine.steps or default_steps(base)),
+                                                         float(cfg.refine.guidance_scale), float(cfg.lowlevel_blend),
+                                                         float(cfg.refine.strength)))
+    return Generation(pipe, settings, int(cfg.prior_steps), str(cfg.prior_sampler), int(cfg.seed), refinement)
 
 
 def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, stimuli: StimulusBrick, *,
@@ -124,11 +132,14 @@ def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, sti
         blurry = codec.decode(torch.from_numpy(outputs.low_level), image_size=seen.shape[1])
         images["blurry"] = (blurry.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     if generation is not None:
-        made = generation.images(generation.sample_tokens(model, outputs.backbone_tokens), images.get("blurry"),
-                                 seen.shape[1])
+        tokens = generation.sample_tokens(model, outputs.backbone_tokens)
+        made = generation.images(tokens, images.get("blurry"), seen.shape[1])
         images["generated"] = made.generated
         if "blurry" in images:
             images["blend"] = made.images
+        if generation.refinement is not None:
+            images["refined"] = refine(generation.refinement, tokens, made.images, low_level_nhwc=images.get("blurry"),
+                                       seed=generation.seed)
     if not images:
         return {"": {"Image retrieval": retrieval.image_top1, "Brain retrieval": retrieval.brain_top1}}, images, outputs
     return {kind: evaluate_reconstructions(recon, seen, weights_dir=weights_dir, retrieval=retrieval,

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 from mindeye.clip import build_clip_embedder, clip_identity
 from mindeye.config import CONFIG_DIR
 from mindeye.generator import MindEyeUnCLIPPipeline, build_pipeline, make_scheduler, micro_conditioning_ids
-from mindeye.generator.training import check_out_dir, load_state, plot_loss, preview_grid, save_state, to_unit
+from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, save_generator_folder,
+                                       save_state, to_unit)
 from mindeye.scenes import SceneBatches, paint_scene, sample_scene
 
 log = logging.getLogger(__name__)
@@ -162,12 +163,7 @@ class ema_weights:
 def save_generator(pipe: MindEyeUnCLIPPipeline, ema: EMAModel, unet, path: Path, *, half: bool) -> Path:
     """The pipeline with the EMA weights (in float16 when `half`: half the size, loads as float32)."""
     ema.copy_to(unet.parameters())
-    pipe.unet.eval()
-    if half:
-        pipe.unet.half()
-    pipe.save_pretrained(path, safe_serialization=True)
-    pipe.unet.float()
-    return path
+    return save_generator_folder(pipe, path, half=half)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train_generator", version_base="1.3")

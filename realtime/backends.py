@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline, reconstruct
+from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline, Refinement, reconstruct, refine
 from mindeye.models import MindEye2, load_calibration, load_checkpoint
 from mindeye.models.prior import check_sampler
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
@@ -128,6 +128,7 @@ class TorchBackend:
     to the codec's own and is required for one without (the pixel codec). `generator` (a
     mindeye.generator pipeline) turns the prior's tokens into the reconstruction, as `generation` says
     (steps, guidance, blend with the low-level image, img2img start); its noise is seeded like the prior's.
+    `refinement`, off by default, runs MindEye2's img2img refinement stage over that.
     """
 
     name = "torch"
@@ -135,7 +136,8 @@ class TorchBackend:
     def __init__(self, model: MindEye2, calibration: dict[str, tuple[np.ndarray, np.ndarray]], *,
                  bank: RetrievalBank | None, codec=None, image_size: int | None = None, top_k: int = 5,
                  prior_steps: int = 20, prior_sampler: str = "ddim", generator: MindEyeUnCLIPPipeline | None = None,
-                 generation: GenerationSettings = GenerationSettings(), seed: int = 0, device: str = "cpu",
+                 generation: GenerationSettings = GenerationSettings(), refinement: Refinement | None = None,
+                 seed: int = 0, device: str = "cpu",
                  dtype: torch.dtype = torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
@@ -154,7 +156,9 @@ class TorchBackend:
         self.image_size = image_size if image_size is not None else getattr(codec, "image_size", None)
         if codec is not None and model.low_level_head is not None:
             self._check_codec(codec)
-        self.generator, self.generation = generator, generation
+        self.generator, self.generation, self.refinement = generator, generation, refinement
+        if refinement is not None and generator is None:
+            raise ValueError("a refinement stage refines the generator's images: it needs a generator")
         if generator is not None:
             self._check_generator(generator, generation)
         self._zscore = self._calibration_tensors(calibration)
@@ -203,6 +207,10 @@ class TorchBackend:
             reconstruction_bhw3 = reconstruct(self.generator, image_tokens_bld, low_level_nhwc=lowlevel_bhw3,
                                               settings=self.generation, output_size=self.image_size,
                                               seed=noise_seed(self.seed + 1, subject, betas_bv)).images
+            if self.refinement is not None:
+                reconstruction_bhw3 = refine(self.refinement, image_tokens_bld, reconstruction_bhw3,
+                                             low_level_nhwc=lowlevel_bhw3,
+                                             seed=noise_seed(self.seed + 2, subject, betas_bv))
         generated = time.perf_counter()
         return DecodedBatch(embedding_norm_b, top_k, image_tokens_bld, lowlevel_bhw3,
                             decode_ms=(decoded - start) * 1e3, generate_ms=(generated - decoded) * 1e3,

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from mindeye.clip import clip_identity
 from mindeye.config import CONFIG_DIR
-from mindeye.generator import GenerationSettings, load_pipeline
+from mindeye.generator import GenerationSettings, Refinement, load_pipeline
 from mindeye.latents import build_latent_codec
 from mindeye.models import read_checkpoint_config
 from mindeye.models.prior import check_sampler
@@ -46,6 +46,7 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
                                                                          cfg.generate.guidance_scale,
                                                                          cfg.generate.lowlevel_blend,
                                                                          cfg.generate.img2img_strength),
+                                           refinement=load_refinement(cfg),
                                            device=cfg.decode.device)
     viewer = None
     if cfg.viewer.enabled:
@@ -78,6 +79,17 @@ def load_generator(cfg: DictConfig):
         return None
     return load_pipeline(cfg.generate.generator, device=cfg.decode.device,
                          clip_id=clip_identity(target_clip_config(cfg.data)))
+
+
+def load_refinement(cfg: DictConfig) -> Refinement | None:
+    """The optional refinement stage (`generate.refine`; off unless its generator is set)."""
+    refine = cfg.generate.refine
+    if refine.generator is None:
+        return None
+    base = load_pipeline(refine.generator, device=cfg.decode.device,
+                         clip_id=clip_identity(target_clip_config(cfg.data)))
+    return Refinement(base, GenerationSettings(refine.steps, refine.guidance_scale, cfg.generate.lowlevel_blend,
+                                               refine.strength))
 
 
 def log_to(out_dir: Path, level: str) -> None:

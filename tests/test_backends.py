@@ -202,21 +202,22 @@ def test_candidate_ids_and_bank_from_the_world(tiny_world, tmp_path):
 
 # --- reconstructions: the prior's tokens through a generator, every decoded trial ------------------------
 
-def tiny_generator(token_dim: int = DIM, tokens: int = TOKENS):
-    """A 8 px pixel-space generator over the tiny model's token shape (random weights: shapes and plumbing)."""
-    from mindeye.generator import build_pipeline, generator_config
+@pytest.fixture
+def tiny_generator(small_generator_cfg):
+    """A factory of 8 px generators over the tiny model's token shape (random weights: shapes and plumbing)."""
+    from mindeye.generator import build_pipeline
 
-    cfg = generator_config("tiny")
-    cfg["unet"].update(sample_size=8, block_out_channels=[8, 16], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                       up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], norm_num_groups=4, attention_head_dim=2,
-                       cross_attention_dim=token_dim, addition_time_embed_dim=4, projection_class_embeddings_input_dim=16)
-    torch.manual_seed(0)
-    pipe = build_pipeline(cfg, clip_id="test-encoder", clip_tokens=tokens, sampler="euler")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    def make(token_dim: int = DIM):
+        torch.manual_seed(0)
+        pipe = build_pipeline(small_generator_cfg(cross_attention_dim=token_dim), clip_id="test-encoder",
+                              clip_tokens=TOKENS, sampler="euler")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
 
 
-def test_every_decoded_trial_gets_a_reconstruction_blended_with_its_low_level_image(checkpoint):
+def test_every_decoded_trial_gets_a_reconstruction_blended_with_its_low_level_image(checkpoint, tiny_generator):
     from mindeye.generator import GenerationSettings
 
     path, _, _ = checkpoint
@@ -235,7 +236,7 @@ def test_every_decoded_trial_gets_a_reconstruction_blended_with_its_low_level_im
     assert not np.array_equal(plain.reconstruction_bhw3[0], plain.reconstruction_bhw3[1])
 
 
-def test_a_generator_needs_the_prior_and_the_models_token_shape(checkpoint):
+def test_a_generator_needs_the_prior_and_the_models_token_shape(checkpoint, tiny_generator):
     path, _, _ = checkpoint
     with pytest.raises(ValueError, match="prior_steps must be >= 1"):
         TorchBackend.from_checkpoint(path, bank=None, image_size=24, prior_steps=0, generator=tiny_generator())
@@ -244,7 +245,7 @@ def test_a_generator_needs_the_prior_and_the_models_token_shape(checkpoint):
                                      generator=tiny_generator(token_dim=DIM * 2))
 
 
-def test_the_service_loads_only_a_generator_of_the_datas_clip_encoder(tmp_path):
+def test_the_service_loads_only_a_generator_of_the_datas_clip_encoder(tmp_path, tiny_generator):
     from mindeye.clip import clip_identity
     from mindeye.config import load_config
     from mindeye.targets import target_clip_config
@@ -262,3 +263,32 @@ def test_the_service_loads_only_a_generator_of_the_datas_clip_encoder(tmp_path):
     pipe.register_to_config(clip_id=clip_identity(target_clip_config(cfg.data)))
     pipe.save_pretrained(tmp_path / "gen")
     assert load_generator(cfg).config.clip_id == clip_identity(cfg.data.clip)
+
+
+def test_the_refinement_stage_reruns_the_end_of_the_base_models_schedule_over_the_reconstruction(
+        checkpoint, tiny_generator):
+    from mindeye.generator import GenerationSettings, Refinement, refine
+
+    path, _, _ = checkpoint
+    base = tiny_generator()
+    calls = []
+    base.unet.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    refinement = Refinement(base, GenerationSettings(steps=4, guidance_scale=1.0, lowlevel_blend=0.0,
+                                                     img2img_strength=0.5))
+    rng = np.random.default_rng(0)
+    tokens, images = rng.normal(size=(3, TOKENS, DIM)).astype(np.float32), rng.integers(0, 256, (3, 24, 24, 3), np.uint8)
+    refined = refine(refinement, tokens, images, seed=1)
+    assert refined.shape == images.shape and refined.dtype == np.uint8
+    assert calls == [3, 3]  # half of a 4-step schedule, one batch of 3
+    with pytest.raises(ValueError, match="img2img_strength must be < 1"):
+        refine(Refinement(base, GenerationSettings(steps=4)), tokens, images)
+
+    kwargs = dict(bank=None, codec=PixelCodec(8), image_size=24, prior_steps=4, generator=tiny_generator(),
+                  generation=GenerationSettings(2, 1.0, 0.25))
+    x = betas(2, 40)
+    plain = TorchBackend.from_checkpoint(path, **kwargs).decode("subj01", x)
+    refined = TorchBackend.from_checkpoint(path, refinement=refinement, **kwargs).decode("subj01", x)
+    assert refined.reconstruction_bhw3.shape == plain.reconstruction_bhw3.shape
+    assert not np.array_equal(refined.reconstruction_bhw3, plain.reconstruction_bhw3)
+    with pytest.raises(ValueError, match="needs a generator"):
+        TorchBackend.from_checkpoint(path, bank=None, image_size=24, prior_steps=2, refinement=refinement)

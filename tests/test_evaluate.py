@@ -82,16 +82,20 @@ def run_evaluate(root, checkpoint, generator, out, **extra):
                           capture_output=True, text=True)
 
 
-def test_command_with_a_generator_adds_generated_blend_and_true_token_rows(tiny_world, tmp_path, small_generator_cfg):
+def test_command_with_a_generator_adds_generated_blend_refined_and_true_token_rows(tiny_world, tmp_path,
+                                                                                  small_generator_cfg):
     root, _, _ = tiny_world
     save_generator(tmp_path / "generator", small_generator_cfg, clip_identity(target_clip_config(world_data_cfg(root))))
     torch.manual_seed(0)
     save_checkpoint(build_model("tiny", voxels_per_subject={"subj08": 360}, **TINY_WORLD_GRID), tmp_path / "a")
     out = tmp_path / "eval"
-    done = run_evaluate(root, tmp_path / "a", tmp_path / "generator", out, **{"generator.steps": 2, "grid_images": 5})
+    done = run_evaluate(root, tmp_path / "a", tmp_path / "generator", out,
+                        **{"generator.steps": 2, "grid_images": 5, "generator.refine.path": tmp_path / "generator",
+                           "generator.refine.steps": 2})
     assert done.returncode == 0, done.stderr
     rows = json.loads((out / "eval.json").read_text())
-    assert list(rows) == ["untrained (blurry)", "untrained (generated)", "untrained (blend)", "true tokens (generated)"]
+    assert list(rows) == ["untrained (blurry)", "untrained (generated)", "untrained (blend)", "untrained (refined)",
+                          "true tokens (generated)"]
     for name, row in rows.items():
         for column in ("PixCorr", "SSIM", *WORLD_COLUMNS):  # the world's 2-way columns need no downloaded weights
             assert np.isfinite(row[column]), (name, column)
@@ -101,8 +105,8 @@ def test_command_with_a_generator_adds_generated_blend_and_true_token_rows(tiny_
     assert rows["true tokens (generated)"]["Image retrieval"] is None
     md = (out / "eval.md").read_text()
     assert "| true tokens (generated) |" in md and "World CLIP ↑ | Rand. AlexNet ↑ |" in md
-    with Image.open(out / "grid.png") as grid:  # seen, blurry, generated, blend, true tokens; 5 images a row
-        assert grid.size == (160 + 5 * (128 + 4) + 4, 5 * (128 + 4) + 4)
+    with Image.open(out / "grid.png") as grid:  # seen, blurry, generated, blend, refined, true tokens; 5 images a row
+        assert grid.size == (160 + 5 * (128 + 4) + 4, 6 * (128 + 4) + 4)
 
 
 def test_a_generator_trained_on_another_encoder_is_refused_with_one_message(tiny_world, tmp_path,

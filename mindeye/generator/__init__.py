@@ -15,17 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from mindeye.config import CONFIG_DIR
 from mindeye.errors import FormatError, MissingFileError
-from mindeye.generator.pipeline import GenerationSettings, MindEyeUnCLIPPipeline, UnCLIPOutput, blend_with_low_level, to_uint8
-from mindeye.generator.reconstruct import EncoderMismatch, default_steps, reconstruct, require_encoder
+from mindeye.generator.pipeline import (GenerationSettings, MindEyeUnCLIPPipeline, UnCLIPOutput, blend_with_low_level,
+                                       to_uint8)
+from mindeye.generator.reconstruct import (EncoderMismatch, Refinement, default_steps, reconstruct, refine,
+                                          require_encoder)
 from mindeye.generator.schedulers import SAMPLERS, make_scheduler, sampler_name
 from mindeye.generator.unet import build_unet, count_parameters, micro_conditioning_ids
 
 GENERATOR_CONFIG_DIR = CONFIG_DIR / "generator"
 
-__all__ = ["GenerationSettings", "MindEyeUnCLIPPipeline", "UnCLIPOutput", "SAMPLERS", "blend_with_low_level", "build_pipeline",
-           "build_unet", "count_parameters", "generator_config", "load_pipeline", "make_scheduler",
-           "micro_conditioning_ids", "sampler_name", "to_uint8",
-           "EncoderMismatch", "default_steps", "reconstruct", "require_encoder"]
+__all__ = ["SAMPLERS", "EncoderMismatch", "GenerationSettings", "MindEyeUnCLIPPipeline", "Refinement", "UnCLIPOutput",
+           "blend_with_low_level", "build_pipeline", "build_unet", "count_parameters", "default_steps",
+           "generator_config", "load_pipeline", "make_scheduler", "micro_conditioning_ids", "reconstruct", "refine",
+           "require_encoder", "sampler_name", "to_uint8"]
 
 
 def generator_config(config: str | Path | Mapping[str, Any] | DictConfig) -> dict[str, Any]:

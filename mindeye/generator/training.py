@@ -61,3 +61,13 @@ def preview_grid(pipe, embedder, images_bhw3: np.ndarray, path: Path, *, steps: 
     out = pipe(tokens, num_inference_steps=steps, guidance_scale=guidance_scale,
                generator=torch.Generator().manual_seed(0), output_size=images_bhw3.shape[1])
     return save_grid(np.concatenate([images_bhw3, out.images]), path, ncols=len(images_bhw3))
+
+
+def save_generator_folder(pipe, path: Path, *, half: bool) -> Path:
+    """`pipe` as a generator folder, its UNet in float16 when `half` (half the size; loads as float32)."""
+    pipe.unet.eval()
+    if half:
+        pipe.unet.half()
+    pipe.save_pretrained(path, safe_serialization=True)
+    pipe.unet.float()
+    return path

@@ -28,7 +28,8 @@ def build_unet(cfg: Mapping[str, Any] | DictConfig, *, device: str | torch.devic
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     time_dim = config.get("addition_time_embed_dim")
     expected = MICRO_CONDITIONS * time_dim if time_dim else None
-    if config.get("addition_embed_type") != "text_time" or config.get("projection_class_embeddings_input_dim") != expected:
+    added_width = config.get("projection_class_embeddings_input_dim")
+    if config.get("addition_embed_type") != "text_time" or added_width != expected:
         raise ValueError("the unCLIP UNet's added conditioning is the micro-conditioning only: it needs "
                          "addition_embed_type: text_time and projection_class_embeddings_input_dim = "
                          f"{MICRO_CONDITIONS} x addition_time_embed_dim, got {config.get('addition_embed_type')!r} "
