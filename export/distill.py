@@ -32,16 +32,14 @@ from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_constant_schedule_with_warmup
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mindeye.clip import build_clip_embedder, clip_identity
 from mindeye.config import CONFIG_DIR
 from mindeye.generator import MindEyeUnCLIPPipeline, load_pipeline, make_scheduler, micro_conditioning_ids
 from mindeye.generator.pipeline import guidance_embedding
-from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, save_generator_folder,
-                                       save_state, to_unit)
-from mindeye.scenes import SceneBatches, paint_scene, sample_scene
+from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, preview_scenes,
+                                       save_generator_folder, save_state, scene_loader, to_unit)
 
 log = logging.getLogger(__name__)
 STATE_DIR, STUDENT_DIR = "train_state", "student"
@@ -189,10 +187,8 @@ def distill(cfg: DictConfig) -> Path:
     (out_dir / "run_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
     preview_pipe = student_pipeline(teacher, accelerator.unwrap_model(student))
     preview_pipe.set_progress_bar_config(disable=True)
-    held_out = np.stack([paint_scene(sample_scene(cfg.scene_seed + 1, i), cfg.world.image_size) for i in range(8)])
-    batches = DataLoader(SceneBatches(cfg.scene_seed, cfg.world.image_size, cfg.batch_size, step), batch_size=None,
-                         num_workers=cfg.loader_workers, generator=torch.Generator(),
-                         prefetch_factor=4 if cfg.loader_workers else None)
+    held_out = preview_scenes(cfg.scene_seed + 1, cfg.world.image_size)
+    batches = scene_loader(cfg.scene_seed, cfg.world.image_size, cfg.batch_size, step, cfg.loader_workers)
     window, started = [], time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc="distil", disable=not cfg.progress)
     for images in batches:

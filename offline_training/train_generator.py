@@ -33,19 +33,16 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mindeye.clip import build_clip_embedder, clip_identity
 from mindeye.config import CONFIG_DIR
 from mindeye.generator import MindEyeUnCLIPPipeline, build_pipeline, make_scheduler, micro_conditioning_ids
-from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, save_generator_folder,
-                                       save_state, to_unit)
-from mindeye.scenes import SceneBatches, paint_scene, sample_scene
+from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, preview_scenes,
+                                       save_generator_folder, save_state, scene_loader, to_unit)
 
 log = logging.getLogger(__name__)
 STATE_DIR, GENERATOR_DIR = "train_state", "generator"
-N_PREVIEW = 8
 
 
 def diffusion_loss(pipe: MindEyeUnCLIPPipeline, noise_schedule, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor,
@@ -100,13 +97,8 @@ def train_generator(cfg: DictConfig) -> Path:
     (out_dir / "run_config.yaml").write_text(OmegaConf.to_yaml(resolved))
     ema.to(accelerator.device)
 
-    held_out = np.stack([paint_scene(sample_scene(cfg.scene_seed + 1, i), cfg.world.image_size)
-                         for i in range(N_PREVIEW)])
-    # its own generator: starting the iterator draws a seed, which from the global RNG would shift a resumed run's
-    # noise away from the uninterrupted run's (accelerate restored that RNG just above)
-    batches = DataLoader(SceneBatches(cfg.scene_seed, cfg.world.image_size, cfg.batch_size, step), batch_size=None,
-                         num_workers=cfg.loader_workers, prefetch_factor=4 if cfg.loader_workers else None,
-                         generator=torch.Generator())
+    held_out = preview_scenes(cfg.scene_seed + 1, cfg.world.image_size)
+    batches = scene_loader(cfg.scene_seed, cfg.world.image_size, cfg.batch_size, step, cfg.loader_workers)
     window, started = [], time.perf_counter()
     last = min(cfg.steps, cfg.stop_after or cfg.steps)  # stop_after: end early, the schedule still spans `steps`
     bar = tqdm(total=last, initial=step, desc="generator", disable=not cfg.progress)

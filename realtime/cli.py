@@ -77,8 +77,7 @@ def load_generator(cfg: DictConfig):
     if cfg.generate.generator is None:
         log.warning("no generator (generate.generator is null): results carry no reconstruction")
         return None
-    return load_pipeline(cfg.generate.generator, device=cfg.decode.device,
-                         clip_id=clip_identity(target_clip_config(cfg.data)))
+    return _load_for_data(cfg.generate.generator, cfg)
 
 
 def load_refinement(cfg: DictConfig) -> Refinement | None:
@@ -86,10 +85,14 @@ def load_refinement(cfg: DictConfig) -> Refinement | None:
     refine = cfg.generate.refine
     if refine.generator is None:
         return None
-    base = load_pipeline(refine.generator, device=cfg.decode.device,
-                         clip_id=clip_identity(target_clip_config(cfg.data)))
-    return Refinement(base, GenerationSettings(refine.steps, refine.guidance_scale, cfg.generate.lowlevel_blend,
-                                               refine.strength))
+    return Refinement(_load_for_data(refine.generator, cfg),
+                      GenerationSettings(refine.steps, refine.guidance_scale, cfg.generate.lowlevel_blend,
+                                         refine.strength))
+
+
+def _load_for_data(folder: str, cfg: DictConfig):
+    """A generator folder on the decode device, refused unless trained on the data's CLIP encoder."""
+    return load_pipeline(folder, device=cfg.decode.device, clip_id=clip_identity(target_clip_config(cfg.data)))
 
 
 def log_to(out_dir: Path, level: str) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import contextlib
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub look-up would otherwise retry for minutes
@@ -30,13 +32,46 @@ def tiny_world(tmp_path_factory):
     return root, summary, cfg
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one intra-op thread, and do not stall when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
+
+
+def read_log(out_dir) -> list[dict]:
+    """A training run's log.jsonl records."""
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def unet_weights(generator_dir) -> dict[str, torch.Tensor]:
+    """A saved generator folder's UNet weights."""
+    from safetensors.torch import load_file
+
+    return load_file(generator_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_resumed_like_uninterrupted(split_dir, full_dir, saved: str, halfway: dict[str, torch.Tensor]) -> None:
+    """A run interrupted and resumed (split_dir) logged the same losses and saved the same UNet (`saved`
+    folder) as an uninterrupted one (full_dir); `halfway`, its weights at the interruption, differ."""
+    for r_split, r_full in zip(read_log(split_dir), read_log(full_dir)):
+        assert r_split["loss"] == pytest.approx(r_full["loss"], rel=1e-5)
+    resumed, full = unet_weights(split_dir / saved), unet_weights(full_dir / saved)
+    assert resumed.keys() == full.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
+    assert any(not torch.allclose(halfway[k], full[k], atol=1e-4) for k in full)  # the later steps did change them
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LCMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file
 
 from export.distill import (
     LORA_TARGETS,
@@ -34,6 +33,8 @@ from mindeye.config import load_config
 from mindeye.generator import build_pipeline, count_parameters, load_pipeline, make_scheduler, micro_conditioning_ids
 from mindeye.generator.pipeline import guidance_embedding
 
+from conftest import assert_resumed_like_uninterrupted, read_log, torch_threads, unet_weights
+
 B, W = 2, 8  # batch; width of the student's guidance embedding (time_cond_proj_dim)
 GRID = 20  # the teacher's 1000 training steps / ddim_timesteps (50): the LCM grid is 19, 39, ..., 999
 
@@ -41,10 +42,8 @@ GRID = 20  # the teacher's 1000 training steps / ddim_timesteps (50): the LCM gr
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread (module scope: the distillation runs are module fixtures)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -311,14 +310,6 @@ def trainable_count(messages: list[str]) -> int:
     return counts[0]
 
 
-def read_log(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-
-
-def unet_weights(generator_dir) -> dict[str, torch.Tensor]:
-    return load_file(generator_dir / "unet" / "diffusion_pytorch_model.safetensors")
-
-
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, teacher_dir):
     """An uninterrupted 3-step full distillation: (out_dir, log messages)."""
@@ -372,13 +363,7 @@ def test_a_resumed_distillation_ends_with_the_weights_of_an_uninterrupted_one(di
     halfway = unet_weights(split_dir / "student")
     run_distill(teacher_dir, split_dir, "resume=true")
     assert [r["step"] for r in read_log(split_dir)] == [1, 2, 3]
-    for r_split, r_full in zip(read_log(split_dir), read_log(full_dir)):
-        assert r_split["loss"] == pytest.approx(r_full["loss"], rel=1e-5)
-    resumed, full = unet_weights(split_dir / "student"), unet_weights(full_dir / "student")
-    assert resumed.keys() == full.keys()
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
-    assert any(not torch.allclose(halfway[k], full[k], atol=1e-4) for k in full)  # step 3 did change them
+    assert_resumed_like_uninterrupted(split_dir, full_dir, "student", halfway)
     # the target network (an EMA of the student) is restored too
     target_split = torch.load(split_dir / "train_state" / "custom_checkpoint_0.pkl", weights_only=True)
     target_full = torch.load(full_dir / "train_state" / "custom_checkpoint_0.pkl", weights_only=True)

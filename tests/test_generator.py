@@ -30,7 +30,7 @@ from mindeye.generator import (
 )
 from mindeye.generator.pipeline import guidance_embedding
 
-from conftest import SMALL_UNET  # tests/conftest.py: the small UNet, also the distillation tests'
+from conftest import SMALL_UNET, assert_resumed_like_uninterrupted, read_log, unet_weights  # tests/conftest.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -341,14 +341,6 @@ def train_run(out_dir, *extra: str):
     return cfg, train_generator(cfg)
 
 
-def read_log(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-
-
-def unet_weights(generator_dir) -> dict[str, torch.Tensor]:
-    return load_file(generator_dir / "unet" / "diffusion_pytorch_model.safetensors")
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """An uninterrupted 4-step run of the small generator on the tiny world's encoder: (cfg, out_dir)."""
@@ -401,13 +393,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(trained, tm
     halfway = unet_weights(split_dir / "generator")
     train_run(split_dir, "resume=true")
     assert [r["step"] for r in read_log(split_dir)] == [1, 2, 3, 4]
-    for r_split, r_full in zip(read_log(split_dir), read_log(full_dir)):
-        assert r_split["loss"] == pytest.approx(r_full["loss"], rel=1e-5)
-    resumed, full = unet_weights(split_dir / "generator"), unet_weights(full_dir / "generator")
-    assert resumed.keys() == full.keys()
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
-    assert any(not torch.allclose(halfway[k], full[k], atol=1e-4) for k in full)  # steps 3-4 did change them
+    assert_resumed_like_uninterrupted(split_dir, full_dir, "generator", halfway)
     resumed_raw = load_file(split_dir / "train_state" / "model.safetensors")
     full_raw = load_file(full_dir / "train_state" / "model.safetensors")
     for key in full_raw:

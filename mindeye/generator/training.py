@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 
-from mindeye.scenes import save_grid
+from mindeye.scenes import SceneBatches, paint_scene, sample_scene, save_grid
 
 PROGRESS_FILE = "progress.json"
 
@@ -17,6 +18,20 @@ PROGRESS_FILE = "progress.json"
 def to_unit(images_bhw3: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
     return torch.as_tensor(images_bhw3).permute(0, 3, 1, 2).float() / 255.0
+
+
+def scene_loader(seed: int, size: int, batch_size: int, first_batch: int, workers: int) -> torch.utils.data.DataLoader:
+    """Batches of fresh scenes (`SceneBatches`) from `first_batch` on, painted by `workers` processes beside
+    the training step. The loader has a torch generator of its own: starting its iterator draws a seed,
+    which from the global RNG would shift a resumed run's noise away from the uninterrupted run's."""
+    return torch.utils.data.DataLoader(SceneBatches(seed, size, batch_size, first_batch), batch_size=None,
+                                       num_workers=workers, prefetch_factor=4 if workers else None,
+                                       generator=torch.Generator())
+
+
+def preview_scenes(seed: int, size: int, n: int = 8) -> np.ndarray:
+    """uint8 (n, size, size, 3): the held-out scenes of the sample grids (scenes 0..n-1 of `seed`)."""
+    return np.stack([paint_scene(sample_scene(seed, i), size) for i in range(n)])
 
 
 def save_state(accelerator, state_dir: Path, progress: dict) -> None:
