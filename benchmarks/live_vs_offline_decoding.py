@@ -180,7 +180,7 @@ def live_published(out_dir: Path, shared: set[int]) -> dict[str, int]:
         counts["late"] += "late" in result["flags"]
         if result["top_k"]:
             counts["decoded"] += 1
-            counts["hits"] += result["top_k"][0][0] == result["image_id"]
+            counts["hits"] += result["top_k"][0]["image_id"] == result["image_id"]
     return counts
 
 

@@ -19,6 +19,18 @@ File layout (all integers little-endian):
                   ...      the frames, back to back
                   4 bytes  u32 record CRC32: over the header fields, lengths included, then the frames
 
+A malformed message (one `decode` refused) is journaled by `JournalWriter.append_refused` as a note
+of bounded size instead of its frames: a record of one frame holding a compact UTF-8 JSON object
+
+    {"journal_refused": 1, "reason": the decoding reason code, "detail": its first 500 characters,
+     "n_frames": the message's frame count, "frame_bytes": the sizes of its first 8 frames,
+     "header_prefix": the first 256 bytes of its frame 0, decoded as latin-1 (one character per byte:
+                      `.encode("latin-1")` gives the bytes back, and a JSON header stays readable)}
+
+at most ~4 KB whatever the message's size, so a flood of malformed messages cannot fill the disk. A
+note has no `protocol_version`, so `decode` refuses it and a replay never executes it;
+`JournalRecord.refusal` reads it.
+
 The header CRC lets a reader trust a record's lengths before it reads its frames, so a flipped bit
 in a length cannot make it skip over good records. A damaged record is a *torn tail* when no intact
 record header follows it (the service died while appending): readers report it and stop before it,
@@ -38,6 +50,7 @@ path of a service that journals before processing.
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
 import struct
@@ -46,7 +59,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mindeye.errors import FormatError
 from mindeye.protocol import Message, decode
@@ -61,6 +74,8 @@ _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
 MAX_FRAMES = 64  # protocol messages have 1 to 3 frames; the bound stops a damaged count from reading gigabytes
 _SCAN_CHUNK = 1 << 20
+_REFUSED_PREFIX = b'{"journal_refused":1,'  # how append_refused's notes begin
+_REFUSED_DETAIL_CHARS, _REFUSED_FRAMES, _REFUSED_HEADER_BYTES = 500, 8, 256
 
 Buffer = bytes | bytearray | memoryview
 
@@ -101,6 +116,18 @@ class JournalRecord:
     def message(self) -> Message:
         """The decoded protocol message (raises ProtocolError if what was received was malformed)."""
         return decode(self.frames)
+
+    @property
+    def refusal(self) -> dict[str, Any] | None:
+        """The note `JournalWriter.append_refused` wrote in place of a malformed message; None for a
+        record of received frames."""
+        if len(self.frames) != 1 or not self.frames[0].startswith(_REFUSED_PREFIX):
+            return None
+        try:
+            note = json.loads(self.frames[0])
+        except ValueError:
+            return None
+        return note if isinstance(note, dict) and "protocol_version" not in note else None
 
 
 @dataclass(frozen=True)
@@ -332,6 +359,18 @@ class JournalWriter:
         if self.fsync_every and self._unsynced >= self.fsync_every:
             self._sync()
         return index
+
+    def append_refused(self, frames: Sequence[Buffer], received_unix_s: float, reason: str, detail: str,
+                       n_frames: int | None = None) -> int:
+        """Append a bounded note on a malformed message in place of its frames (see the module docstring);
+        returns its record index. `n_frames`: the message's frame count when `frames` holds only the first."""
+        views = [_byte_view(frame) for frame in frames[:_REFUSED_FRAMES]]
+        note = {"journal_refused": 1, "reason": str(reason),
+                "detail": detail[:_REFUSED_DETAIL_CHARS].encode("utf-8", "replace").decode("utf-8"),
+                "n_frames": len(frames) if n_frames is None else n_frames,
+                "frame_bytes": [view.nbytes for view in views],
+                "header_prefix": bytes(views[0][:_REFUSED_HEADER_BYTES]).decode("latin-1") if views else ""}
+        return self.append([json.dumps(note, ensure_ascii=False, separators=(",", ":")).encode()], received_unix_s)
 
     def sync(self) -> None:
         """Force every appended record to stable storage now."""

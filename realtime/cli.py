@@ -17,7 +17,7 @@ from mindeye.latents import build_latent_codec
 from mindeye.models import read_checkpoint_config
 from mindeye.models.prior import check_sampler
 from mindeye.nsd import NSDLayout, StimulusBrick
-from mindeye.protocol.transport import CurveServer
+from mindeye.protocol.transport import CurveServer, InsecureEndpointError
 from mindeye.targets import build_target_cache, target_clip_config
 from realtime.backends import RetrievalBank, TorchBackend, candidate_image_ids
 from realtime.pipeline import SubjectRois
@@ -66,7 +66,8 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
                                results_endpoint=cfg.endpoints.results, journal_fsync=cfg.journal_fsync,
                                gap_wait_s=cfg.gap_wait_s, post_s=cfg.glm.post_s, half_life_s=cfg.glm.half_life_s,
                                max_pending=cfg.decode.max_pending, max_batch=cfg.decode.max_batch,
-                               late_after_ms=cfg.decode.late_after_ms)
+                               late_after_ms=cfg.decode.late_after_ms, resume_hold_s=cfg.resume_hold_s,
+                               allow_insecure=cfg.allow_insecure)
     return RealtimeService(settings, backend, SubjectRois.from_layout(root, subjects), viewer=viewer, context=context,
                            curve=curve)
 
@@ -116,6 +117,8 @@ def main(cfg: DictConfig) -> None:
         log.info("live viewer at %s", service.viewer.url)
     try:
         service.run(stop)
+    except InsecureEndpointError as error:
+        raise SystemExit(f"mindeye-realtime: {error}") from None
     finally:
         if service.viewer is not None:
             service.viewer.stop()

@@ -4,9 +4,14 @@ Ingest hands each trial over with `DecodeWorker.submit`, which never blocks. The
 pending trials of one subject as one batch (up to `max_batch`: a batch costs little more than one
 trial), decodes them through the backend, encodes the images as PNG and publishes one `result` per
 trial on the PUB socket, then shows it in the viewer and writes it to the results and latency logs.
-If decoding falls behind, at most `max_pending` trials wait: the oldest one beyond that is not
+If decoding falls behind, at most `max_pending` live trials wait: the oldest one beyond that is not
 decoded but published at once with the `skipped` flag (every trial gets a result, and the viewer
-says which ones were dropped).
+says which ones were dropped). Trials recovered from the journal after a restart are all decoded:
+they are a bounded burst, and nobody is waiting on their latency.
+
+A restarted service holds its results (`hold_for_subscriber_s`) until a viewer's subscription
+reaches the XPUB or that time has passed: what it recovers in its first second would otherwise go
+out before any viewer has reconnected, and a PUB/SUB result sent to nobody is gone.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import numpy as np
 import zmq
 from PIL import Image
 
-from mindeye.protocol import Result, Retrieval, Stamper, send
+from mindeye.protocol import Result, Retrieval, Stamper, encode, new_subscriptions, send
 from realtime.backends import DecodeBackend
 
 log = logging.getLogger(__name__)
@@ -67,14 +72,16 @@ Sink = Callable[[Result, float, int], None]  # (result, published_unix_s, batch_
 class DecodeWorker:
     """The decode thread: a bounded set of pending trials, batched decoding, one result per trial."""
 
-    def __init__(self, backend: DecodeBackend, publisher: zmq.Socket, *, sinks: list[Sink], max_pending: int = 4,
-                 max_batch: int = 8, late_after_ms: float | None = None):
+    def __init__(self, backend: DecodeBackend, publisher: zmq.Socket, *, sinks: list[Sink], max_pending: int = 64,
+                 max_batch: int = 8, late_after_ms: float | None = None, hold_for_subscriber_s: float = 0.0):
         if max_pending < 1 or max_batch < 1:
             raise ValueError(f"max_pending and max_batch must be >= 1, got {max_pending} and {max_batch}")
         self.backend, self.publisher, self.sinks = backend, publisher, sinks
         self.max_pending, self.max_batch, self.late_after_ms = max_pending, max_batch, late_after_ms
         self.stamper = Stamper()
         self.counters = {"decoded": 0, "skipped": 0, "unestimable": 0, "batches": 0, "published": 0}
+        self._hold_until_s = time.monotonic() + hold_for_subscriber_s if hold_for_subscriber_s > 0 else None
+        self._held: list[tuple[Result, int]] = []  # results waiting for a subscriber, in order
         self._jobs: deque[TrialJob] = deque()
         self._condition = threading.Condition()
         self._stopping = False
@@ -84,10 +91,10 @@ class DecodeWorker:
         self._thread.start()
 
     def submit(self, job: TrialJob) -> None:
-        """Queue a trial; never blocks. Beyond `max_pending` trials to decode, the oldest is skipped."""
+        """Queue a trial; never blocks. Beyond `max_pending` live trials to decode, the oldest is skipped."""
         with self._condition:
             self._jobs.append(job)
-            waiting = [j for j in self._jobs if j.betas_v is not None and not j.skipped]
+            waiting = [j for j in self._jobs if j.betas_v is not None and not j.skipped and j.arrival is not None]
             for overflow in waiting[: max(0, len(waiting) - self.max_pending)]:
                 overflow.skipped, overflow.betas_v = True, None
                 overflow.note = "decoding fell behind: skipped to keep the queue bounded"
@@ -112,8 +119,10 @@ class DecodeWorker:
         while True:
             with self._condition:
                 while not self._jobs and not self._stopping:
-                    self._condition.wait()
+                    self._condition.wait(timeout=None if self._hold_until_s is None else 0.05)
+                    self._release_if_subscribed()
                 if self._stopping:
+                    self._release_held()  # into the logs at least: nobody came
                     return
                 batch = self._take_batch()
             try:
@@ -184,14 +193,30 @@ class DecodeWorker:
         result = Result(job.session, job.run, job.trial, job.image_id, job.volume_index, embedding_norm, top_k,
                         {stage: round(ms, 4) for stage, ms in timings.items()}, tuple(flags), self.stamper.envelope(),
                         image_png=image_png, lowlevel_png=lowlevel_png)
-        send(self.publisher, result)
-        published_unix_s = time.time()
-        self.counters["published"] += 1
-        for sink in self.sinks:
-            try:
-                sink(result, published_unix_s, batch_size)
-            except Exception:
-                log.exception("a result sink failed on trial %s", job.key)
+        self._held.append((result, batch_size))
+        self._release_if_subscribed()
+
+    def _release_if_subscribed(self) -> None:
+        """Send the held results once a subscriber has joined or the hold is over."""
+        if self._hold_until_s is not None:
+            if not new_subscriptions(self.publisher) and time.monotonic() < self._hold_until_s:
+                return
+            if self._held:
+                log.info("publishing %d results held for a subscriber", len(self._held))
+        self._release_held()
+
+    def _release_held(self) -> None:
+        self._hold_until_s = None
+        for result, batch_size in self._held:
+            send(self.publisher, result)
+            published_unix_s = time.time()
+            self.counters["published"] += 1
+            for sink in self.sinks:
+                try:
+                    sink(result, published_unix_s, batch_size)
+                except Exception:
+                    log.exception("a result sink failed on trial %s", (result.session, result.run, result.trial))
+        self._held.clear()
 
 
 def encode_png(image_hw3: np.ndarray) -> bytes:
@@ -202,8 +227,9 @@ def encode_png(image_hw3: np.ndarray) -> bytes:
 
 
 class ResultsLog:
-    """results.jsonl: the header of every published result, one line each, flushed; a restarted
-    service reads it to publish each trial once."""
+    """results.jsonl: one line per published result, flushed: its header exactly as sent (docs/protocol.md,
+    `result`: envelope, fields, `frames` naming the images), plus `published_unix_s` and `batch_size`. A
+    restarted service reads it to publish each trial once."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -224,13 +250,8 @@ class ResultsLog:
         return published
 
     def __call__(self, result: Result, published_unix_s: float, batch_size: int) -> None:
-        record = {"session": result.session, "run": result.run, "trial": result.trial, "image_id": result.image_id,
-                  "volume_index": result.volume_index, "embedding_norm": result.embedding_norm,
-                  "top_k": [[r.image_id, r.score] for r in result.top_k], "timings_ms": result.timings_ms,
-                  "flags": list(result.flags), "images": [name for name, png in (("reconstruction", result.image_png),
-                  ("lowlevel", result.lowlevel_png)) if png is not None],
-                  "published_unix_s": published_unix_s, "batch_size": batch_size}
-        self._file.write(json.dumps(record) + "\n")
+        header = json.loads(bytes(encode(result)[0]))
+        self._file.write(json.dumps({**header, "published_unix_s": published_unix_s, "batch_size": batch_size}) + "\n")
         self._file.flush()
         self.published.add((result.session, result.run, result.trial))
 

@@ -7,13 +7,15 @@ the GLMs; a decode thread owns the model and the result PUB (realtime/decoder.py
             -> steps in order: start a run, add trials, use a volume (ROI -> incremental GLM), finish
             -> each trial whose beta became ready goes to the decode thread (never waited for)
 
-Every message received is journaled before it is judged or processed, malformed ones included
-(the journal is what came over the wire). A service started on an out_dir that holds a journal
-first replays it through the very same admission rules and GLMs, with the recorded arrival
-times, so it rebuilds the exact state it had: volumes accepted before the crash are duplicates
-when the restarted sender resends them, and each trial counts once. Trials already in
-results.jsonl are not published again; trials whose beta was ready but never published are
-(flag `recovered`).
+Every message received is journaled before it is judged or processed (the journal is what came
+over the wire); a malformed one as a bounded note of its reason and header prefix, never in full.
+A service started on an out_dir that holds a journal first replays it through the very same
+decoding limits, admission rules and GLMs, with the recorded arrival times, so it rebuilds the
+exact state it had: volumes accepted before the crash are duplicates when the restarted sender
+resends them, each trial counts once, and a record today's rules refuse is skipped with its reason,
+never re-executed. Trials already in results.jsonl are not published again; trials whose beta was
+ready but never published are (flag `recovered`), once a viewer has resubscribed or
+`resume_hold_s` has passed.
 
 out_dir holds: journal.mej (the session journal), results.jsonl (every published result),
 latency.csv (+ latency.json / latency.png at shutdown), betas/<session>_run-NN.npz (each finished
@@ -30,8 +32,9 @@ from pathlib import Path
 import zmq
 
 from mindeye.journal import JournalWriter, read_journal
-from mindeye.protocol import (Ack, Message, ProtocolError, Stamper, bound_endpoint, decode, result_publisher, send,
-                              volume_receiver)
+from mindeye.protocol import (Ack, Message, ProtocolError, Reason, Stamper, bound_endpoint, decode, recv_frames,
+                              result_publisher, send, volume_receiver)
+from mindeye.protocol.messages import MAX_FRAMES
 from mindeye.protocol.transport import CurveServer
 from realtime.admission import AddEvents, Admission, FinishRun, MissingVolume, RunKey, StartRun, Step, UseVolume
 from realtime.backends import DecodeBackend
@@ -54,10 +57,12 @@ class ServiceSettings:
     gap_wait_s: float | None = None  # None: one TR
     post_s: float = 12.0  # a trial's beta is ready once the volume at onset + post_s is in
     half_life_s: float = 30.0
-    max_pending: int = 4
+    max_pending: int = 64  # live trials waiting to decode before the oldest is skipped: latency vs completeness
     max_batch: int = 8
     late_after_ms: float | None = 2000.0
     status_every_s: float = 0.5
+    resume_hold_s: float = 10.0  # after a restart, results wait this long at most for a viewer to resubscribe
+    allow_insecure: bool = False  # bind a non-loopback endpoint without CURVE
 
 
 @dataclass
@@ -97,14 +102,18 @@ class RealtimeService:
         journal = JournalWriter(journal_path, fsync=self.settings.journal_fsync)  # cuts a torn tail, locks
         results_log = ResultsLog(out_dir / RESULTS_FILE)
         latency_log = LatencyLog(out_dir / LATENCY_CSV)
-        receiver = volume_receiver(self.context, self.settings.volumes_endpoint, curve=self.curve)
-        publisher = result_publisher(self.context, self.settings.results_endpoint, curve=self.curve)
+        insecure = self.settings.allow_insecure
+        receiver = volume_receiver(self.context, self.settings.volumes_endpoint, curve=self.curve,
+                                   allow_insecure=insecure)
+        publisher = result_publisher(self.context, self.settings.results_endpoint, curve=self.curve,
+                                     allow_insecure=insecure)
         self.volumes_endpoint, self.results_endpoint = bound_endpoint(receiver), bound_endpoint(publisher)
         sinks = [results_log, lambda r, t, b: latency_log.add(r, published_unix_s=t, batch_size=b)]
         if self.viewer is not None:
             sinks.append(lambda r, t, b: self.viewer.show(r))
         self.worker = DecodeWorker(self.backend, publisher, sinks=sinks, max_pending=self.settings.max_pending,
-                                   max_batch=self.settings.max_batch, late_after_ms=self.settings.late_after_ms)
+                                   max_batch=self.settings.max_batch, late_after_ms=self.settings.late_after_ms,
+                                   hold_for_subscriber_s=self.settings.resume_hold_s if journal.next_index else 0.0)
         self._published = results_log.published
         try:
             self.worker.start()
@@ -129,9 +138,12 @@ class RealtimeService:
         for record in read_journal(journal_path):
             self.counters["recovered_records"] += 1
             self._process(self.admission.tick(record.received_unix_s), recovering=True)
+            if record.refusal is not None:
+                continue  # a malformed message's note: refused then, nothing to redo
             try:
                 message = record.message()
-            except ProtocolError:
+            except ProtocolError as error:  # accepted by an older, laxer service: today's limits refuse it
+                log.warning("journal record %d skipped: %s", record.index, error)
                 continue
             _, steps = self.admission.judge(message, record.received_unix_s, None)
             self._process(steps, recovering=True)
@@ -154,7 +166,8 @@ class RealtimeService:
                 next_status_s = time.monotonic() + self.settings.status_every_s
 
     def _receive(self, receiver: zmq.Socket, journal: JournalWriter) -> None:
-        frames = receiver.recv_multipart(copy=False)
+        # peer id + one frame over the protocol's limit: enough for decode to refuse the rest unread
+        frames, n_frames = recv_frames(receiver, 1 + MAX_FRAMES + 1)
         arrived_s, arrived_unix_s = time.perf_counter(), time.time()
         peer, body = frames[0].bytes, frames[1:]
         self.counters["messages"] += 1
@@ -163,14 +176,19 @@ class RealtimeService:
             message = decode(body)
         except ProtocolError as error:
             refusal = error
+            if n_frames - 1 > len(body):  # the frames past the limit were dropped unread: say how many came
+                refusal = ProtocolError(Reason.FRAME_COUNT, f"message has {n_frames - 1} frames, the limit is "
+                                                            f"{MAX_FRAMES}", seq=error.seq)
         decoded_s = time.perf_counter()
-        journal.append(body, arrived_unix_s)  # a ROUTER message holds >= 1 frame after the peer id
-        journaled_s = time.perf_counter()
         if message is None:
+            journal.append_refused(body, arrived_unix_s, refusal.code, str(refusal), n_frames=n_frames - 1)
             self.counters["malformed"] += 1
-            log.warning("refused a malformed message: %s", refusal)
+            if self.counters["malformed"] <= 100 or self.counters["malformed"] % 1000 == 0:  # a flood: a sample
+                log.warning("refused a malformed message (%d so far): %.300s", self.counters["malformed"], refusal)
             send(receiver, Ack.rejecting(refusal, self._stamper.envelope()), peer=peer)
             return
+        journal.append(body, arrived_unix_s)
+        journaled_s = time.perf_counter()
         arrival = Arrival(arrived_s, (decoded_s - arrived_s) * 1000, (journaled_s - decoded_s) * 1000)
         judgement, steps = self.admission.judge(message, arrived_unix_s, arrival)
         if judgement.reason is not None:
@@ -184,6 +202,7 @@ class RealtimeService:
     # -- processing -----------------------------------------------------------------------------------
 
     def _process(self, steps: list[Step], recovering: bool = False) -> None:
+        missing: dict[tuple[str, int], list[int]] = {}  # one log line per gap, not per volume
         for step in steps:
             if isinstance(step, StartRun):
                 run = step.run
@@ -202,8 +221,7 @@ class RealtimeService:
                 outcomes = live.pipeline.use_volume(step.index, step.payload)
                 self._hand_over(live, outcomes, (time.perf_counter() - started_s) * 1000, recovering)
             elif isinstance(step, MissingVolume):
-                log.warning("run %d of session %s: volume %d never came; the GLM goes on without it",
-                            step.run.run, step.run.session, step.index)
+                missing.setdefault(step.run.key, []).append(step.index)
             elif isinstance(step, FinishRun):
                 live = self.runs.pop(step.run.key)
                 started_s = time.perf_counter()
@@ -212,6 +230,9 @@ class RealtimeService:
                 path = live.pipeline.save(Path(self.settings.out_dir) / "betas" /
                                           f"{step.run.session}_run-{step.run.run:02d}.npz")
                 log.info("run %d of session %s finished; betas in %s", step.run.run, step.run.session, path)
+        for (session, run), indices in missing.items():
+            log.warning("run %d of session %s: %s never came; the GLM goes on without %s", run, session,
+                        _spans(indices), "it" if len(indices) == 1 else "them")
 
     def _hand_over(self, live: _LiveRun, outcomes: list[TrialOutcome], glm_ms: float, recovering: bool) -> None:
         for outcome in outcomes:
@@ -234,3 +255,15 @@ class RealtimeService:
                 "out_of_order": counters.out_of_order, "messages_lost": counters.messages_lost,
                 "malformed": self.counters["malformed"], "open_runs": len(self.runs),
                 "decode_pending": self.worker.pending, **{f"trials_{k}": v for k, v in self.worker.counters.items()}}
+
+
+def _spans(indices: list[int]) -> str:
+    """"volume 4" or "volumes 4-9, 12" for ascending indices."""
+    spans: list[list[int]] = []
+    for index in indices:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    text = ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in spans)
+    return ("volume " if len(indices) == 1 else "volumes ") + text

@@ -68,9 +68,9 @@ def report(out_dir: Path, shared_images: set[int]) -> None:
     """Live top-1 retrieval (the candidates are the shared test images) and latency, from the service's files."""
     results = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
     shown_shared = [r for r in results if r["top_k"] and r["image_id"] in shared_images]
-    hits = sum(r["top_k"][0][0] == r["image_id"] for r in shown_shared)
+    hits = sum(r["top_k"][0]["image_id"] == r["image_id"] for r in shown_shared)
     skipped = sum("skipped" in r["flags"] for r in results)
-    reconstructed = sum("reconstruction" in r.get("images", ()) for r in results)
+    reconstructed = sum("image_png" in r["frames"] for r in results)
     print(f"live: {len(results)} trials published ({skipped} skipped); top-1 among the {len(shared_images)} shared "
           f"images, over the {len(shown_shared)} trials that showed one: {hits / max(1, len(shown_shared)):.1%} "
           f"(chance {1 / len(shared_images):.1%})")

@@ -114,4 +114,4 @@ def test_each_trial_goes_out_with_its_own_reconstruction_as_png(sockets, tmp_pat
         picture = np.asarray(Image.open(io.BytesIO(bytes(result.image_png))))
         assert picture.shape == (6, 6, 3) and (picture == trial).all()
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [r["images"] for r in records] == [["reconstruction", "lowlevel"]] * 3
+    assert [r["frames"] for r in records] == [["image_png", "lowlevel_png"]] * 3

@@ -3,6 +3,7 @@ recovery after a crash, the fsync policies, and no pickle."""
 from __future__ import annotations
 
 import ast
+import json
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import zmq
 import mindeye.journal
 from mindeye.errors import FormatError
 from mindeye.journal import JournalCorruptError, JournalWriter, TornTailWarning, check_journal, read_journal
-from mindeye.protocol import Envelope, Event, Events, RunEnd, RunStart, Volume, encode
+from mindeye.protocol import Envelope, Event, Events, ProtocolError, RunEnd, RunStart, Volume, decode, encode
 
 SHAPE = (81, 104, 83)  # NSD subj01, 1.8 mm: 1,398,384 bytes a volume
 AFFINE = ((1.8, 0.0, 0.0, -72.0), (0.0, 1.8, 0.0, -93.6), (0.0, 0.0, 1.8, -74.7), (0.0, 0.0, 0.0, 1.0))
@@ -70,6 +71,40 @@ def test_a_recorded_visit_reads_back_byte_for_byte(tmp_path):
 
     report = check_journal(path)
     assert (report.n_records, report.intact_bytes, report.torn_tail) == (len(records), path.stat().st_size, None)
+
+
+def test_a_malformed_message_is_journaled_as_a_bounded_note(tmp_path):
+    """What a refused message was, in a record of its own size, whatever the message's size."""
+    volume_frames = encode(_visit(1, shape=(2, 3, 2))[2])
+    header = bytes(volume_frames[0]).replace(b'"index":0', b'"index":-1')
+    huge = [header + b" " * (10 << 20), np.zeros(5 << 20, np.uint8), b"x", b"y"]  # 15 MB over four frames
+    many = [b"\xff\xfe not json"] + [b"z"] * 99
+    path = tmp_path / "refused.mej"
+    with JournalWriter(path) as writer:
+        writer.append(volume_frames, T0)
+        assert writer.append_refused(huge, T0 + 1.0, "frame_size", "header frame of 10485760 bytes") == 1
+        writer.append_refused(many, T0 + 2.0, "frame_count", "d" * 10_000, n_frames=250)
+
+    accepted, first, second = read_journal(path)
+    assert second.offset - first.offset < 2048 and path.stat().st_size - second.offset < 2048
+    assert accepted.refusal is None and accepted.message() == decode(volume_frames)
+    assert len(first.frames) == 1 and len(first.frames[0]) < 2048 and first.received_unix_s == T0 + 1.0
+    assert first.refusal == {"journal_refused": 1, "reason": "frame_size", "detail": "header frame of 10485760 bytes",
+                             "n_frames": 4, "frame_bytes": [len(huge[0]), 5 << 20, 1, 1],
+                             "header_prefix": header[:256].decode("latin-1")}
+    assert second.refusal["n_frames"] == 250 and second.refusal["frame_bytes"] == [len(many[0])] + [1] * 7
+    assert second.refusal["detail"] == "d" * 500
+    assert second.refusal["header_prefix"].encode("latin-1") == many[0]  # the bytes, undecoded: latin-1
+    for record in (first, second):
+        with pytest.raises(ProtocolError):  # a replay never executes a note
+            record.message()
+
+
+def test_a_received_message_that_looks_like_a_note_is_not_one(tmp_path):
+    path = tmp_path / "j.mej"
+    lookalike = json.dumps({"journal_refused": 1, "protocol_version": "1.2", "type": "ack"}).encode()
+    _write(path, [[lookalike], [b'{"journal_refused": 1'], [b"{}", b"x"]])
+    assert [record.refusal for record in read_journal(path)] == [None, None, None]
 
 
 def test_a_torn_tail_at_every_byte_of_the_last_record_is_reported_not_yielded_and_cut_on_reopen(tmp_path):

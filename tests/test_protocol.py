@@ -15,10 +15,10 @@ import zmq
 from PIL import Image
 
 import mindeye.protocol
-from mindeye.protocol import (MESSAGE_TYPES, Ack, CurveClient, CurveServer, Envelope, Event, Events, ProtocolError,
-                              Reason, Result, Retrieval, RunEnd, RunStart, Stamper, Verdict, Volume, bound_endpoint,
-                              create_keypair, decode, encode, load_keypair, recv, recv_with_peer, result_publisher,
-                              result_subscriber, send, volume_receiver, volume_sender)
+from mindeye.protocol import (MESSAGE_TYPES, PROTOCOL_VERSION, Ack, CurveClient, CurveServer, Envelope, Event, Events,
+                              ProtocolError, Reason, Result, Retrieval, RunEnd, RunStart, Stamper, Verdict, Volume,
+                              bound_endpoint, create_keypair, decode, encode, load_keypair, messages, recv,
+                              recv_with_peer, result_publisher, result_subscriber, send, volume_receiver, volume_sender)
 
 SHAPE = (81, 104, 83)  # NSD subj01, 1.8 mm
 AFFINE = ((1.8, 0.0, 0.0, -72.0), (0.0, 1.8, 0.0, -93.6), (0.0, 0.0, 1.8, -74.7), (0.0, 0.0, 0.0, 1.0))
@@ -75,7 +75,7 @@ def test_every_message_type_round_trips(name):
     assert decoded == message
     assert type(decoded) is type(message)
     header = json.loads(encode(message)[0])
-    assert header["type"] == message.TYPE and header["protocol_version"] == "1.1"
+    assert header["type"] == message.TYPE and header["protocol_version"] == PROTOCOL_VERSION == "1.2"
     assert header["seq"] == message.envelope.seq
 
 
@@ -117,6 +117,8 @@ def test_minor_versions_and_unknown_fields_are_accepted_major_versions_are_not()
     header = json.loads(frames[0])
     header.update(protocol_version="1.7", field_from_the_future={"x": 1})
     assert decode([json.dumps(header).encode(), frames[1]]) == _volume(1)
+    header["protocol_version"] = "1.1"  # an older minor version
+    assert decode([json.dumps(header).encode(), frames[1]]) == _volume(1)
     header["protocol_version"] = "2.0"
     with pytest.raises(ProtocolError, match="2.0") as error:
         decode([json.dumps(header).encode(), frames[1]])
@@ -138,6 +140,8 @@ def _set(path, value):
 
 _DELETE = object()
 _TRANSPOSED = [list(column) for column in zip(*AFFINE)]
+_HUGE = 10**400  # a JSON integer of 401 digits: float() of it overflows
+_EVENT = {"trial": 0, "onset_s": 1.0, "duration_s": 3.0, "image_id": None, "label": "blank"}
 
 # (message, header edit, expected code, words the error must contain)
 HEADER_CASES = {
@@ -185,6 +189,53 @@ HEADER_CASES = {
     "frames_undeclared": ("result", _set(["frames"], ["image_png"]), Reason.FRAME_COUNT, "1 + 2"),
     "ack_unknown_verdict": ("ack", _set(["verdict"], "maybe"), Reason.BAD_VALUE, "'verdict'"),
     "ack_rejected_without_reason": ("ack", _set(["verdict"], "rejected"), Reason.BAD_VALUE, "'reason' must be"),
+    # integers too large for a float, in every kind of numeric field
+    "tr_huge_integer": ("volume", _set(["tr_s"], _HUGE), Reason.BAD_VALUE, "'tr_s' must be finite"),
+    "acq_time_huge_integer": ("volume", _set(["acq_time_s"], -_HUGE), Reason.BAD_VALUE, "'acq_time_s' must be finite"),
+    "sent_unix_s_huge_integer": ("run_end", _set(["sent_unix_s"], _HUGE), Reason.BAD_VALUE, "'sent_unix_s'"),
+    "affine_huge_integer": ("volume", _set(["affine", 0, 3], _HUGE), Reason.BAD_AFFINE, "finite"),
+    "onset_huge_integer": ("events", _set(["events", 0, "onset_s"], _HUGE), Reason.BAD_VALUE, "'events[0].onset_s'"),
+    "score_huge_integer": ("result", _set(["top_k", 0, "score"], _HUGE), Reason.BAD_VALUE, "'top_k[0].score'"),
+    # protocol_version: ASCII digits only, and few of them
+    "version_fullwidth_digits": ("volume", _set(["protocol_version"], "\uff11.\uff11"), Reason.UNSUPPORTED_VERSION,
+                                 "not supported"),
+    "version_arabic_indic_digits": ("volume", _set(["protocol_version"], "\u0661.\u0661"),
+                                    Reason.UNSUPPORTED_VERSION, "not supported"),
+    "version_of_4000_digits": ("volume", _set(["protocol_version"], "0" * 4000 + "1.1"), Reason.UNSUPPORTED_VERSION,
+                               "not supported"),
+    "version_of_5000_digits": ("volume", _set(["protocol_version"], "0" * 5000 + "1.1"), Reason.BAD_VALUE,
+                               "'protocol_version' must be at most 4096 characters"),
+    # the limits (docs/protocol.md, "Limits")
+    "tr_above_60_s": ("volume", _set(["tr_s"], 60.5), Reason.BAD_VALUE, "'tr_s' must be > 0.0 and <= 60.0"),
+    "index_at_max_run_volumes": ("volume", _set(["index"], 10_000), Reason.BAD_VALUE,
+                                 "'index' must be >= 0 and <= 9999"),
+    "index_of_10_to_18": ("volume", _set(["index"], 10**18), Reason.BAD_VALUE, "'index'"),
+    "run_above_9999": ("volume", _set(["run"], 10_000), Reason.BAD_VALUE, "'run' must be >= 1 and <= 9999"),
+    "run_start_n_volumes_too_many": ("run_start", _set(["n_volumes"], 10_001), Reason.BAD_VALUE, "'n_volumes'"),
+    "run_end_n_volumes_too_many": ("run_end", _set(["n_volumes"], 10**18), Reason.BAD_VALUE,
+                                   "'n_volumes' must be >= 0 and <= 10000"),
+    "acq_time_negative": ("volume", _set(["acq_time_s"], -1.0), Reason.BAD_VALUE, "'acq_time_s' must be >= 0.0"),
+    "acq_time_over_a_day": ("volume", _set(["acq_time_s"], 86_400.5), Reason.BAD_VALUE, "<= 86400.0"),
+    "onset_over_a_day": ("events", _set(["events", 1, "onset_s"], 1e9), Reason.BAD_VALUE, "'events[1].onset_s'"),
+    "duration_over_a_day": ("events", _set(["events", 1, "duration_s"], 1e9), Reason.BAD_VALUE,
+                            "'events[1].duration_s'"),
+    "trial_at_max_trials": ("events", _set(["events", 1, "trial"], 10_000), Reason.BAD_VALUE, "'events[1].trial'"),
+    "image_id_beyond_31_bits": ("events", _set(["events", 0, "image_id"], 2**31), Reason.BAD_VALUE,
+                                "'events[0].image_id'"),
+    "label_too_long": ("events", _set(["events", 0, "label"], "x" * 4097), Reason.BAD_VALUE,
+                       "'events[0].label' must be at most 4096 characters, got 4097"),
+    "too_many_events": ("events", _set(["events"], [dict(_EVENT, trial=i) for i in range(10_001)]), Reason.BAD_VALUE,
+                        "10001 trials, the limit is 10000"),
+    "sent_unix_s_far_future": ("run_end", _set(["sent_unix_s"], 1e12), Reason.BAD_VALUE, "'sent_unix_s'"),
+    "shape_dimension_too_large": ("volume", _set(["shape"], [4097, 1, 1]), Reason.BAD_SHAPE, "'shape'"),
+    "shape_too_many_voxels": ("run_start", _set(["shape"], [256, 256, 257]), Reason.BAD_SHAPE, "16777216 voxels"),
+    "affine_beyond_100_m": ("volume", _set(["affine", 1, 3], -2e5), Reason.BAD_AFFINE, "100000"),
+    "result_trial_at_max_trials": ("result", _set(["trial"], 10_000), Reason.BAD_VALUE, "'trial'"),
+    "result_volume_index_too_large": ("result", _set(["volume_index"], 10_000), Reason.BAD_VALUE, "'volume_index'"),
+    "top_k_image_id_beyond_31_bits": ("result", _set(["top_k", 1, "image_id"], 2**31), Reason.BAD_VALUE,
+                                      "'top_k[1].image_id'"),
+    "flag_too_long": ("result", _set(["flags", 0], "x" * 5000), Reason.BAD_VALUE, "'flags[0]' must be at most 4096"),
+    "ack_detail_too_long": ("ack", _set(["detail"], "x" * 4097), Reason.BAD_VALUE, "'detail' must be at most 4096"),
 }
 
 
@@ -198,8 +249,12 @@ def test_malformed_header_is_refused_with_its_reason(case):
         decode([json.dumps(header).encode(), *frames[1:]])
     assert error.value.code == code
     assert words in str(error.value)
-    if isinstance(header.get("seq"), int):
-        assert error.value.seq == header["seq"]  # so a receiver can say which message it refused
+    seq = header.get("seq")
+    if isinstance(seq, int) and 0 <= seq < 2**63:
+        assert error.value.seq == seq  # so a receiver can say which message it refused
+    else:
+        assert error.value.seq is None  # not a seq an ack could carry
+    encode(Ack.rejecting(error.value, _envelope()))  # the refusal itself is a valid message
 
 
 VOLUME_FRAMES = encode(_volume(4))
@@ -217,6 +272,9 @@ FRAME_CASES = {
     "run_end_with_payload": ([encode(MESSAGES["run_end"])[0], b"x"], Reason.FRAME_COUNT, "1 + 1"),
     "result_missing_image": (RESULT_FRAMES[:2], Reason.FRAME_COUNT, "1 + 1"),
     "result_not_png": ([RESULT_FRAMES[0], b"GIF89a...", RESULT_FRAMES[2]], Reason.BAD_PNG, "frame 1 ('image_png')"),
+    "integer_of_5000_digits": ([VOLUME_FRAMES[0].replace(b'"index":4', b'"index":' + b"4" * 5000), VOLUME_FRAMES[1]],
+                               Reason.NOT_JSON, "digits"),
+    "too_many_frames_before_json": ([b"not json", *[b""] * 4], Reason.FRAME_COUNT, "5 frames, the limit is 3"),
 }
 
 
@@ -227,6 +285,67 @@ def test_malformed_frames_are_refused_with_their_reason(case):
         decode(frames)
     assert error.value.code == code
     assert words in str(error.value)
+    encode(Ack.rejecting(error.value, _envelope()))
+
+
+def test_frame_sizes_are_checked_before_the_header_is_parsed():
+    padded = VOLUME_FRAMES[0] + b" " * messages.MAX_HEADER_BYTES  # valid JSON, but over the limit
+    with pytest.raises(ProtocolError) as error:
+        decode([padded, VOLUME_FRAMES[1]])
+    assert error.value.code == Reason.FRAME_SIZE
+    assert f"header frame of {len(padded)} bytes, the limit is {messages.MAX_HEADER_BYTES}" in str(error.value)
+    exactly = VOLUME_FRAMES[0] + b" " * (messages.MAX_HEADER_BYTES - len(VOLUME_FRAMES[0]))
+    assert decode([exactly, VOLUME_FRAMES[1]]) == decode(VOLUME_FRAMES)
+    huge_frame = np.zeros(messages.MAX_FRAME_BYTES + 1, np.uint8)  # calloc'd: no memory is touched
+    for frames in ([b"not json", huge_frame], [RESULT_FRAMES[0], RESULT_FRAMES[1], huge_frame]):
+        with pytest.raises(ProtocolError) as error:
+            decode(frames)
+        assert error.value.code == Reason.FRAME_SIZE and f"{messages.MAX_FRAME_BYTES + 1} bytes" in str(error.value)
+
+
+def test_the_limits_have_the_documented_values():
+    assert (messages.MAX_FRAMES, messages.MAX_HEADER_BYTES, messages.MAX_FRAME_BYTES) == (3, 1 << 20, 128 << 20)
+    assert (messages.MAX_VOXELS, messages.MAX_RUN_VOLUMES, messages.MAX_TRIALS, messages.MAX_RUN) == (
+        1 << 24, 10_000, 10_000, 9_999)
+    assert (messages.MAX_TIME_S, messages.MAX_ABS_MM) == (86_400.0, 1e5)
+    # the largest volume allowed fits one payload frame
+    assert messages.MAX_VOXELS * 8 <= messages.MAX_FRAME_BYTES
+    assert Reason.LIMIT == "limit" and PROTOCOL_VERSION == "1.2"
+    limits = Path(mindeye.protocol.__file__).parents[2].joinpath("docs", "protocol.md").read_text()
+    limits = limits.split("## Limits", 1)[1].split("\n## ", 1)[0]
+    for name in ("MAX_FRAMES", "MAX_HEADER_BYTES", "MAX_FRAME_BYTES", "MAX_VOXELS", "MAX_RUN_VOLUMES", "MAX_TRIALS",
+                 "MAX_RUN", "MAX_TIME_S", "MAX_ABS_MM", "max_open_runs", "max_closed_runs", "max_waiting_runs",
+                 "max_senders"):
+        assert f"`{name}`" in limits, name
+
+
+def _number_paths(value, path=()):
+    """The path of every number in a JSON value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _number_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _number_paths(item, (*path, i))
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield path
+
+
+HOSTILE_NUMBERS = (10**400, -10**400, 10**4000, 2**63, 2**64, -1, -2**63 - 1, 1e308, -0.0, math.inf, -math.inf,
+                   math.nan)
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+def test_no_number_in_any_field_breaks_decode_or_the_rejecting_ack(name):
+    frames = encode(MESSAGES[name])
+    for path in _number_paths(json.loads(frames[0])):
+        for value in HOSTILE_NUMBERS:
+            header = json.loads(frames[0])
+            _set(list(path), value)(header)
+            try:
+                decode([json.dumps(header).encode(), *frames[1:]])
+            except ProtocolError as error:
+                encode(Ack.rejecting(error, _envelope()))
 
 
 def test_truncated_volume_error_gives_both_sizes():
@@ -242,6 +361,9 @@ def test_truncated_volume_error_gives_both_sizes():
     (RunEnd("s", 1, 10, Envelope("has space", 0, 0.0)), Reason.BAD_VALUE),
     (Events("s", 1, (Event(0, math.nan, 3.0, None, "x"),), True, _envelope()), Reason.BAD_VALUE),
     (Result("s", 1, 0, None, 0, 1.0, (), {}, (), _envelope(), image_png=b"not a png"), Reason.BAD_PNG),
+    (RunStart("s", "x", 1, 10**400, None, "int16", (4, 4, 4), AFFINE, _envelope()), Reason.BAD_VALUE),
+    (RunEnd("s", 1, 10**5000, _envelope()), Reason.BAD_VALUE),  # past Python's int-to-text digit limit
+    (Events("s", 1, (Event(0, 1.0, 3.0, None, "x" * 5000),), True, _envelope()), Reason.BAD_VALUE),
 ])
 def test_encode_refuses_what_decode_would_refuse(message, code):
     with pytest.raises(ProtocolError) as error:
@@ -273,6 +395,7 @@ def test_the_examples_in_the_specification_decode():
     examples = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", spec.read_text(), re.DOTALL)]
     assert sorted(e["type"] for e in examples) == sorted(MESSAGE_TYPES)
     for header in examples:
+        assert header["protocol_version"] == PROTOCOL_VERSION
         payload = {"volume": [bytes(math.prod(header.get("shape", [])) * 2)],
                    "result": [_png((0, 0, 0)) for _ in header.get("frames", [])]}.get(header["type"], [])
         message = decode([json.dumps(header).encode(), *payload])

@@ -8,6 +8,10 @@ field and what was expected.
 
 `decode` never copies payload frames: a volume's `data` is a memoryview of the received frame, and
 `Volume.array()` is a read-only numpy view of it.
+
+Every field has a sane maximum (the `MAX_*` constants, docs/protocol.md "Limits"): whatever a message
+holds, decoding it takes bounded time and memory, and the values it yields are safe to loop over,
+allocate for or convert to float. Frame counts and sizes are checked before the header is parsed.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import math
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -23,15 +28,33 @@ from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 
-PROTOCOL_VERSION = "1.1"  # MAJOR.MINOR: a receiver accepts any minor version of its major
+PROTOCOL_VERSION = "1.2"  # MAJOR.MINOR: a receiver accepts any minor version of its major
 PROTOCOL_MAJOR = 1
 DTYPES = ("int16", "uint16", "float32", "float64")  # volume sample types; little-endian on the wire
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMING_STAGES = ("receive", "journal", "glm", "queue", "decode", "generate", "publish", "end_to_end")
 RESULT_FLAGS = ("skipped", "merged", "late", "recovered")
+
+# Limits (docs/protocol.md, "Limits" gives the reasons for each value).
+MAX_FRAMES = 3  # a header and at most 2 payload frames (a result with both PNGs)
+MAX_HEADER_BYTES = 1 << 20  # frame 0
+MAX_FRAME_BYTES = 128 << 20  # any payload frame: the largest volume, MAX_VOXELS float64 samples
+MAX_DIMENSION = 4096  # voxels along each axis of a volume
+MAX_VOXELS = 1 << 24  # X * Y * Z, i.e. 256^3
+MAX_RUN_VOLUMES = 10_000  # volume indices 0 .. MAX_RUN_VOLUMES - 1
+MAX_TRIALS = 10_000  # trial indices 0 .. MAX_TRIALS - 1, and events in one message
+MAX_RUN = 9_999  # run numbers 1 .. MAX_RUN
+MAX_TIME_S = 86_400.0  # acq_time_s, onset_s, duration_s
+MAX_TR_S = 60.0
+MAX_ABS_MM = 1e5  # affine entries: world coordinates within 100 m
+MAX_ABS_UNIX_S = 1e11  # sent_unix_s: year 5138
+MAX_IMAGE_ID = 2**31 - 1
+MAX_TEXT = 4096  # characters of any string (label, ack detail, flag)
+
 # Ids end up in file names (journals, logs): a safe character set rules out paths like "../x".
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_VERSION = re.compile(r"(\d+)\.(\d+)")
+# ASCII digits only (\d would take "\uff11.\uff11" as 1.1), and few: int() of 4300+ digits raises
+_VERSION = re.compile(r"([0-9]{1,9})\.([0-9]{1,9})")
 _INT64_MAX = 2**63 - 1  # integers must fit a signed 64-bit integer in every client language
 
 Buffer: TypeAlias = bytes | bytearray | memoryview  # anything exposing the buffer protocol (zmq.Frame too)
@@ -63,6 +86,7 @@ class Reason(StrEnum):
     UNKNOWN_SUBJECT = "unknown_subject"  # 1.1
     GEOMETRY_MISMATCH = "geometry_mismatch"  # 1.1
     BAD_DATA = "bad_data"  # 1.1
+    LIMIT = "limit"  # 1.2: a bound on the receiver's state was hit
 
 
 class ProtocolError(ValueError):
@@ -104,6 +128,25 @@ class Stamper:
 
 # ---- reading typed fields out of a JSON header ----------------------------------------------------
 
+def _show(value: Any, width: int = 60) -> str:
+    """repr of a received value, cut to `width` characters: error texts stay short enough for an ack."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _finite(value: int | float) -> float | None:
+    """`value` as a float, or None when it is not finite; a JSON integer too large for a float is not."""
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class _Fields:
     """Typed access to one JSON object; every failure names the message type and the field's path."""
 
@@ -121,41 +164,51 @@ class _Fields:
     def expect(self, name: str, value: Any, ok: bool, expected: str) -> Any:
         """`value` (found at `name`) if `ok`, else a wrong_type error naming what was expected."""
         if not ok:
-            raise self._fail(Reason.WRONG_TYPE, name, f"must be {expected}, got {type(value).__name__} {value!r:.60}")
+            raise self._fail(Reason.WRONG_TYPE, name, f"must be {expected}, got {type(value).__name__} {_show(value)}")
         return value
 
-    def integer(self, name: str, minimum: int = 0, optional: bool = False) -> int | None:
+    def integer(self, name: str, minimum: int = 0, maximum: int = _INT64_MAX, optional: bool = False) -> int | None:
         value = self.raw(name)
         if value is None and optional:
             return None
         expected = "an integer" + (" or null" if optional else "")
         self.expect(name, value, isinstance(value, int) and not isinstance(value, bool), expected)
-        if not minimum <= value <= _INT64_MAX:
-            raise self._fail(Reason.BAD_VALUE, name, f"must be >= {minimum} (and fit in 64 bits), got {value}")
+        if not minimum <= value <= maximum:
+            bound = "(and fit in 64 bits)" if maximum == _INT64_MAX else f"and <= {maximum}"
+            raise self._fail(Reason.BAD_VALUE, name, f"must be >= {minimum} {bound}, got {_show(value, 30)}")
         return value
 
-    def number(self, name: str, minimum: float | None = None, above: bool = False,
+    def number(self, name: str, minimum: float | None = None, maximum: float | None = None, above: bool = False,
                optional: bool = False) -> float | None:
-        """A finite number >= minimum (> minimum if `above`); JSON integers are accepted."""
+        """A finite number in [minimum, maximum] (minimum excluded if `above`); JSON integers are accepted."""
         value = self.raw(name)
         if value is None and optional:
             return None
         expected = "a number" + (" or null" if optional else "")
-        self.expect(name, value, isinstance(value, int | float) and not isinstance(value, bool), expected)
-        value = float(value)
-        if not math.isfinite(value):
-            raise self._fail(Reason.BAD_VALUE, name, f"must be finite, got {value}")
-        if minimum is not None and (value < minimum or (above and value == minimum)):
-            raise self._fail(Reason.BAD_VALUE, name, f"must be {'>' if above else '>='} {minimum}, got {value}")
-        return value
+        self.expect(name, value, _is_number(value), expected)
+        number = _finite(value)
+        if number is None:
+            raise self._fail(Reason.BAD_VALUE, name, f"must be finite, got {_show(value, 30)}")
+        too_low = minimum is not None and (number < minimum or (above and number == minimum))
+        if too_low or (maximum is not None and number > maximum):
+            bounds = [f"{'>' if above else '>='} {minimum}"] if minimum is not None else []
+            bounds += [f"<= {maximum}"] if maximum is not None else []
+            raise self._fail(Reason.BAD_VALUE, name, f"must be {' and '.join(bounds)}, got {number}")
+        return number
 
     def text(self, name: str) -> str:
         value = self.raw(name)
-        return self.expect(name, value, isinstance(value, str), "a string")
+        return self.bounded_text(name, self.expect(name, value, isinstance(value, str), "a string"))
 
     def optional_text(self, name: str) -> str | None:
         value = self.raw(name)
-        return self.expect(name, value, value is None or isinstance(value, str), "a string or null")
+        self.expect(name, value, value is None or isinstance(value, str), "a string or null")
+        return value if value is None else self.bounded_text(name, value)
+
+    def bounded_text(self, name: str, value: str) -> str:
+        if len(value) > MAX_TEXT:
+            raise self._fail(Reason.BAD_VALUE, name, f"must be at most {MAX_TEXT} characters, got {len(value)}")
+        return value
 
     def identifier(self, name: str) -> str:
         value = self.text(name)
@@ -172,9 +225,12 @@ class _Fields:
         value = self.raw(name)
         return self.expect(name, value, isinstance(value, list), "a list")
 
-    def objects(self, name: str) -> list[_Fields]:
-        """A list of JSON objects, each readable with its index in the path (e.g. `events[3].onset_s`)."""
+    def objects(self, name: str, maximum: int | None = None, what: str = "entries") -> list[_Fields]:
+        """A list of at most `maximum` JSON objects, each readable with its index in the path (e.g.
+        `events[3].onset_s`)."""
         entries = self.array(name)
+        if maximum is not None and len(entries) > maximum:
+            raise self._fail(Reason.BAD_VALUE, name, f"lists {len(entries)} {what}, the limit is {maximum}")
         for i, entry in enumerate(entries):
             self.expect(f"{name}[{i}]", entry, isinstance(entry, dict), "an object")
         return [_Fields(entry, self.where, f"{self.prefix}{name}[{i}].") for i, entry in enumerate(entries)]
@@ -188,8 +244,12 @@ class _Fields:
     def shape(self) -> tuple[int, int, int]:
         value = self.raw("shape")
         if not (isinstance(value, list) and len(value) == 3
-                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
-            raise self._fail(Reason.BAD_SHAPE, "shape", f"must be 3 positive integers [X, Y, Z], got {value!r:.60}")
+                and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_DIMENSION for n in value)):
+            raise self._fail(Reason.BAD_SHAPE, "shape", f"must be 3 positive integers [X, Y, Z], each <= "
+                                                        f"{MAX_DIMENSION}, got {_show(value)}")
+        if math.prod(value) > MAX_VOXELS:
+            raise self._fail(Reason.BAD_SHAPE, "shape", f"has {math.prod(value)} voxels, the limit is {MAX_VOXELS} "
+                                                        f"voxels, got {value}")
         return tuple(value)
 
     def affine(self) -> tuple[tuple[float, ...], ...]:
@@ -198,14 +258,35 @@ class _Fields:
         value = self.raw("affine")
         if not (isinstance(value, list) and len(value) == 4 and all(
                 isinstance(row, list) and len(row) == 4
-                and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in row)
-                for row in value)):
+                and all(_is_number(v) and _finite(v) is not None for v in row) for row in value)):
             raise self._fail(Reason.BAD_AFFINE, "affine", f"must be a 4x4 list of finite numbers (rows), "
-                                                          f"got {value!r:.80}")
+                                                          f"got {_show(value, 80)}")
         if value[3] != [0, 0, 0, 1]:
             raise self._fail(Reason.BAD_AFFINE, "affine", f"last row must be [0, 0, 0, 1] (rows first, not "
                                                           f"columns), got {value[3]}")
+        if any(abs(v) > MAX_ABS_MM for row in value for v in row):
+            raise self._fail(Reason.BAD_AFFINE, "affine", f"entries must be at most {MAX_ABS_MM} mm in magnitude, "
+                                                          f"got {_show(value, 80)}")
         return tuple(tuple(float(v) for v in row) for row in value)
+
+    # the fields several messages share, with their limits
+    def run(self) -> int:
+        return self.integer("run", 1, MAX_RUN)
+
+    def tr(self) -> float:
+        return self.number("tr_s", 0.0, MAX_TR_S, above=True)
+
+    def trial(self, name: str = "trial") -> int:
+        return self.integer(name, 0, MAX_TRIALS - 1)
+
+    def volume_index(self, name: str) -> int:
+        return self.integer(name, 0, MAX_RUN_VOLUMES - 1)
+
+    def image_id(self, optional: bool = False) -> int | None:
+        return self.integer("image_id", 0, MAX_IMAGE_ID, optional=optional)
+
+    def seconds(self, name: str) -> float:
+        return self.number(name, 0.0, MAX_TIME_S)
 
 
 def _geometry_header(shape: Sequence[int], dtype: str, affine: Any) -> dict:
@@ -259,8 +340,8 @@ class Volume:
 
     @classmethod
     def _read(cls, f: _Fields, payload: list[memoryview], envelope: Envelope) -> Volume:
-        message_fields = (f.identifier("session"), f.identifier("subject"), f.integer("run", 1), f.integer("index"),
-                          f.number("acq_time_s"), f.number("tr_s", 0.0, above=True))
+        message_fields = (f.identifier("session"), f.identifier("subject"), f.run(), f.volume_index("index"),
+                          f.seconds("acq_time_s"), f.tr())
         dtype, shape, affine = f.dtype(), f.shape(), f.affine()
         _frame_count(cls.TYPE, payload, 1)
         expected_bytes = math.prod(shape) * np.dtype(dtype).itemsize
@@ -292,9 +373,9 @@ class RunStart:
 
     @classmethod
     def _read(cls, f: _Fields, payload: list[memoryview], envelope: Envelope) -> RunStart:
-        message = cls(f.identifier("session"), f.identifier("subject"), f.integer("run", 1),
-                      f.number("tr_s", 0.0, above=True), f.integer("n_volumes", 1, optional=True),
-                      f.dtype(), f.shape(), f.affine(), envelope)
+        message = cls(f.identifier("session"), f.identifier("subject"), f.run(), f.tr(),
+                      f.integer("n_volumes", 1, MAX_RUN_VOLUMES, optional=True), f.dtype(), f.shape(), f.affine(),
+                      envelope)
         _frame_count(cls.TYPE, payload, 0)
         return message
 
@@ -314,7 +395,7 @@ class RunEnd:
 
     @classmethod
     def _read(cls, f: _Fields, payload: list[memoryview], envelope: Envelope) -> RunEnd:
-        message = cls(f.identifier("session"), f.integer("run", 1), f.integer("n_volumes"), envelope)
+        message = cls(f.identifier("session"), f.run(), f.integer("n_volumes", 0, MAX_RUN_VOLUMES), envelope)
         _frame_count(cls.TYPE, payload, 0)
         return message
 
@@ -348,13 +429,13 @@ class Events:
 
     @classmethod
     def _read(cls, f: _Fields, payload: list[memoryview], envelope: Envelope) -> Events:
-        events = tuple(Event(e.integer("trial"), e.number("onset_s", 0.0), e.number("duration_s", 0.0),
-                             e.integer("image_id", optional=True), e.text("label")) for e in f.objects("events"))
-        trials = [e.trial for e in events]
-        if len(set(trials)) != len(trials):
-            repeated = sorted({t for t in trials if trials.count(t) > 1})
-            raise ProtocolError(Reason.BAD_VALUE, f"events: field 'events' lists trials {repeated} more than once")
-        message = cls(f.identifier("session"), f.integer("run", 1), events, f.boolean("complete"), envelope)
+        events = tuple(Event(e.trial(), e.seconds("onset_s"), e.seconds("duration_s"), e.image_id(optional=True),
+                             e.text("label")) for e in f.objects("events", MAX_TRIALS, "trials"))
+        repeated = sorted(trial for trial, n in Counter(e.trial for e in events).items() if n > 1)
+        if repeated:
+            raise ProtocolError(Reason.BAD_VALUE, f"events: field 'events' lists trials {_show(repeated)} more than "
+                                                  f"once")
+        message = cls(f.identifier("session"), f.run(), events, f.boolean("complete"), envelope)
         _frame_count(cls.TYPE, payload, 0)
         return message
 
@@ -397,7 +478,7 @@ class Result:
 
     @classmethod
     def _read(cls, f: _Fields, payload: list[memoryview], envelope: Envelope) -> Result:
-        top_k = tuple(Retrieval(r.integer("image_id"), r.number("score")) for r in f.objects("top_k"))
+        top_k = tuple(Retrieval(r.image_id(), r.number("score")) for r in f.objects("top_k"))
         if any(a.score < b.score for a, b in zip(top_k, top_k[1:])):
             raise ProtocolError(Reason.BAD_VALUE, "result: field 'top_k' must be sorted by score, best first")
         timings = f.raw("timings_ms")
@@ -406,7 +487,7 @@ class Result:
         timings_ms = {stage: timing_fields.number(stage, 0.0) for stage in timings}
         flags = f.array("flags")
         for i, flag in enumerate(flags):
-            f.expect(f"flags[{i}]", flag, isinstance(flag, str), "a string")
+            f.bounded_text(f"flags[{i}]", f.expect(f"flags[{i}]", flag, isinstance(flag, str), "a string"))
         frames = f.array("frames")
         if frames not in ([], ["image_png"], ["lowlevel_png"], ["image_png", "lowlevel_png"]):
             raise ProtocolError(Reason.BAD_VALUE, f"result: field 'frames' must list 'image_png' and/or "
@@ -417,8 +498,8 @@ class Result:
             if bytes(png[:8]) != PNG_SIGNATURE:
                 raise ProtocolError(Reason.BAD_PNG, f"result: frame {i} ('{name}') does not start with the PNG "
                                                     f"signature")
-        return cls(f.identifier("session"), f.integer("run", 1), f.integer("trial"),
-                   f.integer("image_id", optional=True), f.integer("volume_index"),
+        return cls(f.identifier("session"), f.run(), f.trial(), f.image_id(optional=True),
+                   f.volume_index("volume_index"),
                    f.number("embedding_norm", 0.0, optional=True), top_k, timings_ms, tuple(flags), envelope, **pngs)
 
 
@@ -444,7 +525,7 @@ class Ack:
 
     @classmethod
     def rejecting(cls, error: ProtocolError, envelope: Envelope) -> Ack:
-        return cls(error.seq, Verdict.REJECTED, error.code, str(error), envelope)
+        return cls(error.seq, Verdict.REJECTED, error.code, str(error)[:MAX_TEXT], envelope)
 
     def _header(self) -> tuple[dict, list[Buffer]]:
         return {"acked_seq": self.acked_seq, "verdict": str(self.verdict), "reason": self.reason,
@@ -491,7 +572,13 @@ def encode(message: Message) -> list[Buffer]:
     envelope = message.envelope
     header = {"protocol_version": PROTOCOL_VERSION, "type": message.TYPE, "sender_id": envelope.sender_id,
               "seq": envelope.seq, "sent_unix_s": envelope.sent_unix_s, **fields}
-    frames = [json.dumps(header, separators=(",", ":"), default=_json_value).encode(), *payload]
+    try:
+        text = json.dumps(header, separators=(",", ":"), default=_json_value)
+    except ProtocolError:
+        raise
+    except ValueError as error:  # an integer past Python's int-to-text digit limit
+        raise ProtocolError(Reason.BAD_VALUE, f"{message.TYPE}: cannot be written as JSON: {error}") from None
+    frames = [text.encode(), *payload]
     decode(frames)  # the one set of checks, on the exact bytes that will travel
     return frames
 
@@ -501,18 +588,29 @@ def decode(frames: Sequence[Buffer]) -> Message:
     alive and unchanged while the message is in use."""
     if len(frames) == 0:
         raise ProtocolError(Reason.FRAME_COUNT, "message has no frames; frame 0 must be the JSON header")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(Reason.FRAME_COUNT, f"message has {len(frames)} frames, the limit is {MAX_FRAMES} (a "
+                                                f"header and at most {MAX_FRAMES - 1} payload frames)")
+    views = [_bytes_view(frame) for frame in frames]
+    if views[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(Reason.FRAME_SIZE, f"header frame of {views[0].nbytes} bytes, the limit is "
+                                               f"{MAX_HEADER_BYTES}")
+    for i, view in enumerate(views[1:], start=1):
+        if view.nbytes > MAX_FRAME_BYTES:
+            raise ProtocolError(Reason.FRAME_SIZE, f"frame {i} of {view.nbytes} bytes, the limit is {MAX_FRAME_BYTES}")
     try:
-        header = json.loads(bytes(frames[0]).decode("utf-8"))
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ProtocolError(Reason.NOT_JSON, f"frame 0 is not UTF-8 JSON: {error}") from None
+        header = json.loads(bytes(views[0]).decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors,
+        # and so is an integer of more digits than Python converts (4300)
+        raise ProtocolError(Reason.NOT_JSON, f"frame 0 is not UTF-8 JSON: {_show(str(error), 300)}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Reason.NOT_OBJECT, f"frame 0 must be a JSON object, got {type(header).__name__}")
     seq = header.get("seq")
-    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    valid_seq = isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= _INT64_MAX
     try:
-        return _decode_header(header, [_bytes_view(frame) for frame in frames[1:]])
+        return _decode_header(header, views[1:])
     except ProtocolError as error:
-        error.seq = seq
+        error.seq = seq if valid_seq else None  # an ack can only name a seq that is one
         raise
 
 
@@ -533,5 +631,6 @@ def _decode_header(header: dict, payload: list[memoryview]) -> Message:
         raise ProtocolError(Reason.UNKNOWN_TYPE, f"unknown message type {type_name!r:.40}; known: "
                                                  f"{', '.join(MESSAGE_TYPES)}")
     fields = _Fields(header, type_name)
-    envelope = Envelope(fields.identifier("sender_id"), fields.integer("seq"), fields.number("sent_unix_s"))
+    envelope = Envelope(fields.identifier("sender_id"), fields.integer("seq"),
+                        fields.number("sent_unix_s", -MAX_ABS_UNIX_S, MAX_ABS_UNIX_S))
     return MESSAGE_TYPES[type_name]._read(fields, payload, envelope)

@@ -3,14 +3,21 @@
 Volumes: the scanner side is a DEALER that connects, the realtime service a ROUTER that binds and
 answers each message with an `ack` addressed to the peer that sent it. Acks never gate sending
 (no lock-step as in REQ/REP or Pyneal's PAIR), so a lost ack cannot stall a run.
-Results: the service is a PUB that binds (a slow viewer loses results, it never slows the service);
-viewers are SUBs that connect.
+Results: the service is an XPUB that binds (a PUB that also hears subscriptions, so a restarted
+service can hold what it recovered until a viewer is back; a slow viewer loses results, it never
+slows the service); viewers are SUBs that connect.
+
+Only loopback endpoints may be bound without CURVE (`allow_insecure` overrides): anything else would
+let anyone on the network send volumes and read results. The ROUTER drops a connection whose frame
+exceeds `MAX_FRAME_BYTES` before reading it (ZMQ_MAXMSGSIZE), and `recv_frames` keeps a bounded
+number of frames of a message, so no message can make the receiver hold more than that.
 
 CURVE (encryption and client authentication) is for scanner and GPU hosts on different machines:
 the binding side is the CURVE server and admits only client public keys found in one folder.
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +25,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from mindeye.protocol.messages import Message, ProtocolError, decode, encode
+from mindeye.protocol.messages import MAX_FRAME_BYTES, MAX_FRAMES, Message, ProtocolError, decode, encode
 
 VOLUMES_ENDPOINT = "tcp://127.0.0.1:5555"
 RESULTS_ENDPOINT = "tcp://127.0.0.1:5556"
@@ -99,11 +106,14 @@ def volume_sender(context: zmq.Context, endpoint: str = VOLUMES_ENDPOINT, *, cur
     return socket
 
 
-def volume_receiver(context: zmq.Context, endpoint: str = VOLUMES_ENDPOINT, *,
-                    curve: CurveServer | None = None) -> zmq.Socket:
-    """The realtime service's ROUTER, bound (`tcp://127.0.0.1:*` picks a free port: see `bound_endpoint`)."""
+def volume_receiver(context: zmq.Context, endpoint: str = VOLUMES_ENDPOINT, *, curve: CurveServer | None = None,
+                    allow_insecure: bool = False) -> zmq.Socket:
+    """The realtime service's ROUTER, bound (`tcp://127.0.0.1:*` picks a free port: see `bound_endpoint`).
+    Read it with `recv_frames`."""
+    check_exposure(endpoint, curve, allow_insecure)
     socket = context.socket(zmq.ROUTER)
     socket.linger = 0
+    socket.maxmsgsize = MAX_FRAME_BYTES  # per frame; a larger one drops the connection before it is read
     _set_heartbeat(socket)
     if curve is not None:
         curve.apply(socket)
@@ -111,15 +121,51 @@ def volume_receiver(context: zmq.Context, endpoint: str = VOLUMES_ENDPOINT, *,
     return socket
 
 
-def result_publisher(context: zmq.Context, endpoint: str = RESULTS_ENDPOINT, *,
-                     curve: CurveServer | None = None) -> zmq.Socket:
-    """The realtime service's PUB, bound."""
-    socket = context.socket(zmq.PUB)
+def result_publisher(context: zmq.Context, endpoint: str = RESULTS_ENDPOINT, *, curve: CurveServer | None = None,
+                     allow_insecure: bool = False) -> zmq.Socket:
+    """The realtime service's XPUB, bound: sends like a PUB; `new_subscriptions` says who joined."""
+    check_exposure(endpoint, curve, allow_insecure)
+    socket = context.socket(zmq.XPUB)
     socket.linger = 0
+    socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only the first for a topic
     if curve is not None:
         curve.apply(socket)
     socket.bind(endpoint)
     return socket
+
+
+def new_subscriptions(publisher: zmq.Socket) -> int:
+    """How many subscriptions reached an XPUB since the last call (never blocks)."""
+    joined = 0
+    while publisher.poll(0, zmq.POLLIN):
+        joined += publisher.recv()[:1] == b"\x01"  # 1: subscribe, 0: unsubscribe
+    return joined
+
+
+class InsecureEndpointError(ValueError):
+    """Binding a non-loopback endpoint without CURVE."""
+
+
+def check_exposure(endpoint: str, curve: object | None, allow_insecure: bool) -> None:
+    """Refuse to bind a network-reachable endpoint without CURVE, unless explicitly allowed."""
+    if curve is None and not allow_insecure and not is_loopback(endpoint):
+        raise InsecureEndpointError(
+            f"{endpoint} is reachable from the network and CURVE is off: anyone there could send volumes or "
+            f"read results. Set up CURVE (docs/protocol.md, 'CURVE'), bind 127.0.0.1, or set allow_insecure=true")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on localhost, 127.0.0.0/8, ::1 or the `lo` interface."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*" or an interface name: every address or a real network card
+        return False
 
 
 def result_subscriber(context: zmq.Context, endpoint: str = RESULTS_ENDPOINT, *,
@@ -180,7 +226,22 @@ def recv_with_peer(socket: zmq.Socket, timeout_ms: int | None) -> tuple[bytes, M
         raise
 
 
+def recv_frames(socket: zmq.Socket, max_frames: int) -> tuple[list[zmq.Frame], int]:
+    """The next message's first `max_frames` frames (a ROUTER's peer id included) and its frame count.
+    Frames past the limit are read and dropped one at a time, so no message holds more than that."""
+    frames = [socket.recv(copy=False)]
+    n_frames = 1
+    while socket.rcvmore:
+        frame = socket.recv(copy=False)
+        n_frames += 1
+        if len(frames) < max_frames:
+            frames.append(frame)
+    return frames, n_frames
+
+
 def _poll_frames(socket: zmq.Socket, timeout_ms: int | None) -> list[zmq.Frame] | None:
     if socket.poll(timeout_ms, zmq.POLLIN) == 0:
         return None
-    return socket.recv_multipart(copy=False)
+    peer = 1 if socket.type == zmq.ROUTER else 0
+    frames, _ = recv_frames(socket, peer + MAX_FRAMES + 1)  # one frame too many is enough for decode to refuse
+    return frames
