@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -389,6 +390,19 @@ def test_cli_replays_into_a_service_and_counts_acks_by_verdict(world, context, t
     assert "faults  drop 1, truncate 2" in result.stdout
     assert f"acks    accepted {N_VOLUMES}, rejected:frame_size 2; 0 unreadable, 0 unacked" in result.stdout
     assert len(fault_log.read_text().splitlines()) == 3
+
+
+def test_cli_replaying_into_nothing_fails_with_one_line_saying_so(world, tmp_path):
+    """No service at the endpoint: a clear error after `first_ack_wait_s`, a non-zero exit, no traceback."""
+    with socket.socket() as probe:  # a free port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = _run_cli(f"data_root={world.root}", "runs=[2]", "speed=max", f"endpoint=tcp://127.0.0.1:{port}",
+                      "first_ack_wait_s=0.5", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"mindeye-replay: no service answered at tcp://127.0.0.1:{port} within 0.5 s: "
+                                     f"it is not taking messages. Is mindeye-realtime running there (with CURVE "
+                                     f"keys that admit this sender)?")
 
 
 def test_no_pickle_in_the_replayer():

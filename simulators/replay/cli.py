@@ -1,6 +1,7 @@
 """mindeye-replay: stream runs to the realtime service with faults injected (configs/replay.yaml)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,7 +12,7 @@ from mindeye.config import CONFIG_DIR
 from mindeye.nsd import NSDLayout, subject_name
 from mindeye.protocol import CurveClient
 from simulators.replay.faults import Faults
-from simulators.replay.sender import Source, replay
+from simulators.replay.sender import NoReceiverError, Source, replay
 from simulators.replay.sources import JournalSource, NiftiSource, NSDSource
 
 
@@ -46,9 +47,16 @@ def build_curve(cfg: DictConfig) -> CurveClient | None:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="replay", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     fault_log = Path(cfg.fault_log or Path(HydraConfig.get().runtime.output_dir) / "faults.jsonl")
-    summary = replay(build_source(cfg), cfg.endpoint, faults=Faults.from_config(cfg.faults), seed=cfg.seed,
-                     speed=cfg.speed, curve=build_curve(cfg), fault_log=fault_log, ack_wait_s=cfg.ack_wait_s)
+    try:
+        summary = replay(build_source(cfg), cfg.endpoint, faults=Faults.from_config(cfg.faults), seed=cfg.seed,
+                         speed=cfg.speed, curve=build_curve(cfg), fault_log=fault_log, ack_wait_s=cfg.ack_wait_s,
+                         first_ack_wait_s=cfg.first_ack_wait_s)
+    except NoReceiverError as error:
+        sys.exit(f"mindeye-replay: {error}")
     print(summary.format())
+    if summary.unacked:
+        sys.exit(f"mindeye-replay: {summary.unacked} message(s) were never acked by {cfg.endpoint}: the service "
+                 f"stopped or fell behind (raise ack_wait_s to wait longer for the last ones)")
 
 
 if __name__ == "__main__":

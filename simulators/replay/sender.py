@@ -24,6 +24,10 @@ from simulators.replay.faults import Faults, apply_faults
 from simulators.replay.sources import RESTART, Outgoing
 
 
+class NoReceiverError(RuntimeError):
+    """Nothing answered the first message: no service at the endpoint, or CURVE keys it does not admit."""
+
+
 class Source(Protocol):
     """Anything with runs to replay (see simulators.replay.sources)."""
 
@@ -141,10 +145,11 @@ class _Connection:
 
 def replay(source: Source, endpoint: str, *, faults: Faults = Faults(), seed: int = 0, speed: str | float = "max",
            context: zmq.Context | None = None, curve: CurveClient | None = None, fault_log: Path | None = None,
-           ack_wait_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+           ack_wait_s: float = 5.0, first_ack_wait_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep) -> ReplaySummary:
     """Stream every run of `source` to the receiver at `endpoint` with `faults` injected; write the
-    fault log as JSON lines to `fault_log` (when given); return what was sent and acked."""
+    fault log as JSON lines to `fault_log` (when given); return what was sent and acked. Raises
+    NoReceiverError when the first message is not acked within `first_ack_wait_s`."""
     pacer = Pacer(parse_speed(speed), clock, sleep)
     own_context = context is None
     context = context or zmq.Context()
@@ -174,7 +179,12 @@ def replay(source: Source, endpoint: str, *, faults: Faults = Faults(), seed: in
                     continue
                 connection.send(item)
                 summary.sent[item.type] += 1
-                connection.read_acks(summary)
+                first = sum(summary.sent.values()) == 1  # wait for its ack: is anybody there?
+                connection.read_acks(summary, timeout_ms=int(first_ack_wait_s * 1000) if first else 0)
+                if first and connection.n_answered == 0:
+                    raise NoReceiverError(f"no service answered at {endpoint} within {first_ack_wait_s:g} s: it is "
+                                          f"not taking messages. Is mindeye-realtime running there (with CURVE keys "
+                                          f"that admit this sender)?")
         deadline = time.monotonic() + ack_wait_s
         while connection.n_answered < connection.n_sent and time.monotonic() < deadline:
             connection.read_acks(summary, timeout_ms=max(1, int((deadline - time.monotonic()) * 1000)))
