@@ -24,3 +24,12 @@ class FormatError(ValueError):
     def __init__(self, path: str | Path, what: str, expected: str, found: str):
         self.path = Path(path)
         super().__init__(f"{self.path}: {what} should be {expected}, found {found}")
+
+
+class ConfigValueError(ValueError):
+    """A setting that cannot work as given (an unknown subject, a sampler that does not exist, an unsafe
+    endpoint); the message says which setting and what to set instead."""
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service this command talks to did not answer."""

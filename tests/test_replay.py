@@ -399,10 +399,21 @@ def test_cli_replaying_into_nothing_fails_with_one_line_saying_so(world, tmp_pat
         port = probe.getsockname()[1]
     result = _run_cli(f"data_root={world.root}", "runs=[2]", "speed=max", f"endpoint=tcp://127.0.0.1:{port}",
                       "first_ack_wait_s=0.5", f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 1
+    assert result.returncode == 6  # EXIT_CODES["no service"]
     assert result.stderr.strip() == (f"mindeye-replay: no service answered at tcp://127.0.0.1:{port} within 0.5 s: "
                                      f"it is not taking messages. Is mindeye-realtime running there (with CURVE "
                                      f"keys that admit this sender)?")
+    assert not (tmp_path / "run").exists()  # a failed command leaves no empty run folder behind
+
+
+def test_cli_a_misspelt_key_gets_a_suggestion_not_hydras_advice(tmp_path):
+    result = _run_cli("sped=4", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "mindeye-replay: unknown key 'sped'; did you mean 'speed'? (see mindeye-replay --help)"
+    result = _run_cli("faults=lossless")
+    assert result.returncode == 2 and result.stderr.strip().startswith("mindeye-replay: unknown faults 'lossless'; "
+                                                                        "choose one of")
+    assert not (tmp_path / "run").exists()
 
 
 def test_no_pickle_in_the_replayer():

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mindeye.errors import ConfigValueError
 from mindeye.generator.pipeline import (GenerationSettings, MindEyeUnCLIPPipeline, UnCLIPOutput, blend_with_low_level,
                                        to_uint8)
 
 TEACHER_STEPS, STUDENT_STEPS = 38, 4  # the configs' sampling.steps (MindEye2: 38 Euler steps) / a distilled student's
 
 
-class EncoderMismatch(ValueError):
+class EncoderMismatch(ConfigValueError):
     """A generator was trained on tokens of another CLIP encoder than the one the tokens come from."""
 
 

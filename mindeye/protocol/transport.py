@@ -25,6 +25,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from mindeye.errors import ConfigValueError
 from mindeye.protocol.messages import MAX_FRAME_BYTES, MAX_FRAMES, Message, ProtocolError, decode, encode
 
 VOLUMES_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -142,7 +143,7 @@ def new_subscriptions(publisher: zmq.Socket) -> int:
     return joined
 
 
-class InsecureEndpointError(ValueError):
+class InsecureEndpointError(ConfigValueError):
     """Binding a non-loopback endpoint without CURVE."""
 
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mindeye.config import CONFIG_DIR
+from mindeye.cli import command
 from mindeye.nsd import NSDLayout, subject_name
 from mindeye.protocol import CurveClient
 from simulators.replay.faults import Faults
-from simulators.replay.sender import NoReceiverError, Source, replay
+from simulators.replay.sender import Source, replay
 from simulators.replay.sources import JournalSource, NiftiSource, NSDSource
 
 
@@ -44,15 +43,12 @@ def build_curve(cfg: DictConfig) -> CurveClient | None:
     return CurveClient(Path(keys[0]), Path(keys[1]))
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="replay", version_base="1.3")
+@command("replay", "mindeye-replay")
 def main(cfg: DictConfig) -> None:
     fault_log = Path(cfg.fault_log or Path(HydraConfig.get().runtime.output_dir) / "faults.jsonl")
-    try:
-        summary = replay(build_source(cfg), cfg.endpoint, faults=Faults.from_config(cfg.faults), seed=cfg.seed,
-                         speed=cfg.speed, curve=build_curve(cfg), fault_log=fault_log, ack_wait_s=cfg.ack_wait_s,
-                         first_ack_wait_s=cfg.first_ack_wait_s)
-    except NoReceiverError as error:
-        sys.exit(f"mindeye-replay: {error}")
+    summary = replay(build_source(cfg), cfg.endpoint, faults=Faults.from_config(cfg.faults), seed=cfg.seed,
+                     speed=cfg.speed, curve=build_curve(cfg), fault_log=fault_log, ack_wait_s=cfg.ack_wait_s,
+                     first_ack_wait_s=cfg.first_ack_wait_s)
     print(summary.format())
     if summary.unacked:
         sys.exit(f"mindeye-replay: {summary.unacked} message(s) were never acked by {cfg.endpoint}: the service "

@@ -19,12 +19,13 @@ from typing import Protocol
 
 import zmq
 
+from mindeye.errors import ServiceUnavailable
 from mindeye.protocol import Ack, CurveClient, ProtocolError, Stamper, encode, recv, volume_sender
 from simulators.replay.faults import Faults, apply_faults
 from simulators.replay.sources import RESTART, Outgoing
 
 
-class NoReceiverError(RuntimeError):
+class NoReceiverError(ServiceUnavailable):
     """Nothing answered the first message: no service at the endpoint, or CURVE keys it does not admit."""
 
 

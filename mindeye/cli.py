@@ -1,0 +1,161 @@
+"""What every command does around its work: short errors that say what to do next, and misspelt keys.
+
+`command(config_name, app)` replaces `@hydra.main` on a command's `main(cfg)`. Before hydra runs, the
+key=value overrides are checked against the composed config, so `sped=4` gets "unknown key 'sped';
+did you mean 'speed'?" instead of hydra's advice to add `+sped`. While the command runs, the project's
+own errors end it with one or two lines on stderr - what was wrong, where, what to do next - and an
+exit code per kind (EXIT_CODES); anything else is a bug and keeps its traceback. `debug=true` on the
+command line or HYDRA_FULL_ERROR=1 shows every traceback. A failed command removes the output folder
+it created if it left it empty.
+
+Only light modules are imported here (hydra, omegaconf, the stdlib): `--help` must answer in about a
+second, so commands import torch and the model stack inside `main`, not at the top of their module.
+"""
+from __future__ import annotations
+
+import difflib
+import errno
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from mindeye.errors import ConfigValueError, FormatError, MissingFileError, ServiceUnavailable
+
+EXIT_CODES = {"config": 2, "missing file": 3, "bad format": 4, "busy port": 5, "no service": 6}
+
+
+def command(config_name: str, app: str) -> Callable:
+    """Decorate `main(cfg)`: hydra's entry point with key checks and short errors (module docstring)."""
+
+    def decorate(task: Callable) -> Callable:
+        import hydra
+
+        from mindeye.config import CONFIG_DIR
+
+        @functools.wraps(task)
+        def run(cfg) -> None:
+            debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
+            made = _new_output_dirs(cfg)
+            try:
+                task(cfg)
+            except BaseException as error:
+                for path in made:
+                    _remove_if_empty(path)
+                kind = None if debug else error_kind(error)
+                if kind is None:
+                    raise
+                print(f"{app}: {error_text(error)}", file=sys.stderr)
+                sys.exit(EXIT_CODES[kind])
+
+        hydra_main = hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(run)
+
+        @functools.wraps(task)
+        def entry() -> None:
+            problem = check_overrides(config_name, sys.argv[1:])
+            if problem:
+                print(f"{app}: {problem} (see {app} --help)", file=sys.stderr)
+                sys.exit(EXIT_CODES["config"])
+            hydra_main()
+
+        return entry
+
+    return decorate
+
+
+def error_kind(error: BaseException) -> str | None:
+    """Which of EXIT_CODES `error` is, or None for anything that is not a user's error."""
+    if isinstance(error, MissingFileError):
+        return "missing file"
+    if isinstance(error, FormatError):
+        return "bad format"
+    if isinstance(error, ConfigValueError):
+        return "config"
+    if isinstance(error, ServiceUnavailable):
+        return "no service"
+    if getattr(error, "errno", None) == errno.EADDRINUSE:  # OSError and zmq.ZMQError alike
+        return "busy port"
+    return None
+
+
+def error_text(error: BaseException) -> str:
+    if getattr(error, "errno", None) == errno.EADDRINUSE:
+        return (f"{error}: another program (perhaps another mindeye command) holds that port; stop it or choose "
+                f"another port on the command line (e.g. viewer.port=8081, endpoints.volumes=tcp://127.0.0.1:5565)")
+    return str(error)
+
+
+# ---- overrides --------------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"([A-Za-z_][\w.]*)=")
+
+
+def check_overrides(config_name: str, arguments: list[str]) -> str | None:
+    """What is wrong with the key=value arguments (an unknown key, an unknown config choice), or None."""
+    overrides = [a for a in arguments if not a.startswith(("-", "+", "~", "hydra.", "hydra/"))]
+    if not overrides or not all(_OVERRIDE.match(a) for a in overrides):
+        return None  # flags (--help, --cfg) and hydra's own syntax are hydra's business
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf import OmegaConf
+
+    from mindeye.config import load_config
+
+    try:
+        load_config(config_name, overrides)
+        return None
+    except MissingConfigException as error:
+        return _unknown_choice(str(error))
+    except ConfigCompositionException as error:
+        cause = str(error.__cause__ or error)
+        unknown = re.search(r"Key '([^']+)' is not in struct", cause) or re.search(
+            r"Could not override '([^']+)'", str(error))
+        if unknown is None:
+            return str(error).splitlines()[0]
+    key = next(a.split("=", 1)[0] for a in overrides if a.split("=", 1)[0].endswith(unknown[1]))
+    known = _keys(OmegaConf.to_container(load_config(config_name), resolve=False))
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown key '{key}'" + (f"; did you mean '{near[0]}'?" if near else "")
+
+
+def _unknown_choice(text: str) -> str:
+    group = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    options = re.findall(r"^\s+(\S+)\s*$", text.split("Available options:", 1)[-1], flags=re.MULTILINE)
+    if group is None:
+        return text.splitlines()[0]
+    return f"unknown {group[1]} '{group[2]}'" + (f"; choose one of {', '.join(options)}" if options else "")
+
+
+def _keys(tree, prefix: str = "") -> Iterator[str]:
+    if isinstance(tree, dict):
+        for name, value in tree.items():
+            yield f"{prefix}{name}"
+            yield from _keys(value, f"{prefix}{name}.")
+
+
+# ---- output folders -----------------------------------------------------------------------------------
+
+def _new_output_dirs(cfg) -> list[Path]:
+    """The folders this run of a command made: its out_dir, if not there yet, and hydra's run folder
+    (which hydra has just made), unless that is the working directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    made = [Path(str(cfg.out_dir))] if isinstance(cfg.get("out_dir"), str) else []
+    made = [path for path in made if not path.exists()]
+    if HydraConfig.initialized():
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if run_dir.resolve() != Path.cwd().resolve():
+            made.append(run_dir)
+    return made
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove `path` if it holds nothing but empty files and hydra's own record of the config (.hydra/)."""
+    if not path.is_dir():
+        return
+    if any(p.is_file() and p.stat().st_size and ".hydra" not in p.relative_to(path).parts for p in path.rglob("*")):
+        return
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
