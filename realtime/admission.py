@@ -439,6 +439,8 @@ class Admission:
             state.gap_deadline_s = first_arrival_s + self._wait_s(state)
         elif state.end_volumes is None or state.next_index >= state.end_volumes:
             state.gap_deadline_s = None
+        elif state.gap_deadline_s is None:  # after run_end only the last volumes are missing: wait for them once
+            state.gap_deadline_s = now_s + self._wait_s(state)
         if state.end_volumes is not None and state.next_index >= state.end_volumes:
             self._finish(state, steps)
 

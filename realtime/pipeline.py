@@ -22,6 +22,7 @@ from realtime.glm import IncrementalGLM, OnlineGLMSettings, TrialBeta
 
 log = logging.getLogger(__name__)
 
+MAX_ABS_SAMPLE = 1e9  # scanner intensities are < 1e5; squared sums of larger ones break the GLM's float64 solve
 AFFINE_TOLERANCE_MM = 1e-3  # NIfTI headers store float32: an equal affine can differ in the last bits
 
 
@@ -58,13 +59,14 @@ class SubjectRois:
                                                      f"affine by up to {offset_mm:.4g} mm: another space")
 
     def read_volume(self, volume: Volume) -> np.ndarray:
-        """The volume's ROI values (V,) in the one voxel order; NaN or inf among them is refused."""
+        """The volume's ROI values (V,) in the one voxel order; NaN, inf or a magnitude over MAX_ABS_SAMPLE
+        among them is refused."""
         values_v = volume.array().reshape(-1)[self._flat_index[volume.subject]]
         if values_v.dtype.kind == "f":
-            n_bad = int(values_v.size - np.isfinite(values_v).sum())
+            n_bad = int(values_v.size - np.count_nonzero(np.abs(values_v) <= MAX_ABS_SAMPLE))  # NaN fails <= too
             if n_bad:
                 raise Refusal(Reason.BAD_DATA, f"volume {volume.index}: {n_bad} of {values_v.size} ROI voxels are "
-                                               f"NaN or inf")
+                                               f"NaN, inf or beyond +-{MAX_ABS_SAMPLE:g}")
         return values_v
 
 

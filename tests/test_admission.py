@@ -359,6 +359,20 @@ def test_at_the_open_run_limit_a_run_silent_long_enough_is_finished_to_make_room
     assert steps[0].run.key == ("a", 1) and not admission.runs[("b", 1)].closed
 
 
+def test_a_run_whose_last_volumes_never_come_after_a_gap_still_finishes(admission):
+    """run_end while a volume is held past a gap: the gap closes, then the missing last volume is waited for
+    once more and the run finishes (it used to stay open for ever, its last trials never published)."""
+    sender = Sender()
+    admission.judge(sender.run_start(n_volumes=None), 0.0)
+    admission.judge(sender.volume(0), 0.0)
+    admission.judge(sender.volume(2), 0.5)
+    admission.judge(sender.run_end(4), 0.6)
+    assert kinds(admission.tick(1.5)) == ["missing1", "use2"]
+    assert admission.next_deadline_s() == pytest.approx(2.5)
+    assert kinds(admission.tick(2.5)) == ["missing3", "finish"]
+    assert admission.runs[("s1", 1)].closed
+
+
 def test_the_oldest_closed_runs_are_forgotten():
     admission, sender = _limited(max_closed_runs=2), Sender()
     for run in (1, 2, 3):

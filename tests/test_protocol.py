@@ -158,7 +158,8 @@ HEADER_CASES = {
     "run_zero": ("volume", _set(["run"], 0), Reason.BAD_VALUE, "'run' must be >= 1"),
     "nan_tr": ("volume", _set(["tr_s"], math.nan), Reason.BAD_VALUE, "'tr_s' must be finite"),
     "infinite_tr": ("run_start", _set(["tr_s"], math.inf), Reason.BAD_VALUE, "'tr_s' must be finite"),
-    "zero_tr": ("volume", _set(["tr_s"], 0), Reason.BAD_VALUE, "'tr_s' must be > 0.0"),
+    "zero_tr": ("volume", _set(["tr_s"], 0), Reason.BAD_VALUE, "'tr_s' must be >= 0.1"),
+    "tiny_tr": ("run_start", _set(["tr_s"], 5e-324), Reason.BAD_VALUE, "'tr_s' must be >= 0.1"),  # hung the GLM
     "tr_as_string": ("volume", _set(["tr_s"], "1.33"), Reason.WRONG_TYPE, "'tr_s' must be a number"),
     "unsafe_session": ("volume", _set(["session"], "../etc"), Reason.BAD_VALUE, "'session' must match"),
     "missing_sender": ("volume", _set(["sender_id"], _DELETE), Reason.MISSING_FIELD, "'sender_id'"),
@@ -206,7 +207,7 @@ HEADER_CASES = {
     "version_of_5000_digits": ("volume", _set(["protocol_version"], "0" * 5000 + "1.1"), Reason.BAD_VALUE,
                                "'protocol_version' must be at most 4096 characters"),
     # the limits (docs/protocol.md, "Limits")
-    "tr_above_60_s": ("volume", _set(["tr_s"], 60.5), Reason.BAD_VALUE, "'tr_s' must be > 0.0 and <= 60.0"),
+    "tr_above_60_s": ("volume", _set(["tr_s"], 60.5), Reason.BAD_VALUE, "'tr_s' must be >= 0.1 and <= 60.0"),
     "index_at_max_run_volumes": ("volume", _set(["index"], 10_000), Reason.BAD_VALUE,
                                  "'index' must be >= 0 and <= 9999"),
     "index_of_10_to_18": ("volume", _set(["index"], 10**18), Reason.BAD_VALUE, "'index'"),
@@ -219,6 +220,8 @@ HEADER_CASES = {
     "onset_over_a_day": ("events", _set(["events", 1, "onset_s"], 1e9), Reason.BAD_VALUE, "'events[1].onset_s'"),
     "duration_over_a_day": ("events", _set(["events", 1, "duration_s"], 1e9), Reason.BAD_VALUE,
                             "'events[1].duration_s'"),
+    "duration_over_10_minutes": ("events", _set(["events", 1, "duration_s"], 601), Reason.BAD_VALUE,
+                                 "'events[1].duration_s' must be >= 0.0 and <= 600.0"),
     "trial_at_max_trials": ("events", _set(["events", 1, "trial"], 10_000), Reason.BAD_VALUE, "'events[1].trial'"),
     "image_id_beyond_31_bits": ("events", _set(["events", 0, "image_id"], 2**31), Reason.BAD_VALUE,
                                 "'events[0].image_id'"),
@@ -307,15 +310,16 @@ def test_the_limits_have_the_documented_values():
     assert (messages.MAX_FRAMES, messages.MAX_HEADER_BYTES, messages.MAX_FRAME_BYTES) == (3, 1 << 20, 128 << 20)
     assert (messages.MAX_VOXELS, messages.MAX_RUN_VOLUMES, messages.MAX_TRIALS, messages.MAX_RUN) == (
         1 << 24, 10_000, 10_000, 9_999)
-    assert (messages.MAX_TIME_S, messages.MAX_ABS_MM) == (86_400.0, 1e5)
+    assert (messages.MAX_TIME_S, messages.MAX_DURATION_S, messages.MIN_TR_S, messages.MAX_ABS_MM) == (
+        86_400.0, 600.0, 0.1, 1e5)
     # the largest volume allowed fits one payload frame
     assert messages.MAX_VOXELS * 8 <= messages.MAX_FRAME_BYTES
     assert Reason.LIMIT == "limit" and PROTOCOL_VERSION == "1.2"
     limits = Path(mindeye.protocol.__file__).parents[2].joinpath("docs", "protocol.md").read_text()
     limits = limits.split("## Limits", 1)[1].split("\n## ", 1)[0]
     for name in ("MAX_FRAMES", "MAX_HEADER_BYTES", "MAX_FRAME_BYTES", "MAX_VOXELS", "MAX_RUN_VOLUMES", "MAX_TRIALS",
-                 "MAX_RUN", "MAX_TIME_S", "MAX_ABS_MM", "max_open_runs", "max_closed_runs", "max_waiting_runs",
-                 "max_senders"):
+                 "MAX_RUN", "MAX_TIME_S", "MAX_DURATION_S", "MIN_TR_S", "MAX_ABS_MM", "max_open_runs",
+                 "max_silence_s", "max_closed_runs", "max_waiting_runs", "max_senders"):
         assert f"`{name}`" in limits, name
 
 

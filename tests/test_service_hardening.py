@@ -216,3 +216,27 @@ def test_recovered_results_are_all_decoded_and_wait_for_a_viewer_to_come_back(ti
         record = dict(logged[(message.run, message.trial)])
         assert record.pop("published_unix_s") > 0 and record.pop("batch_size") >= 1
         assert record == head
+
+
+def test_samples_too_large_for_the_glm_are_refused_like_nans():
+    """Finite but huge samples (1e300) made the GLM's solve fail and killed the ingest thread."""
+    from mindeye.nsd import RoiMask
+    from mindeye.protocol import Reason
+    from realtime.admission import Refusal
+    from realtime.pipeline import SubjectRois
+
+    mask = np.zeros((3, 3, 3), bool)
+    mask[1, 1, :] = True
+    rois = SubjectRois({"subj01": RoiMask(mask, np.eye(4))})
+
+    def volume(value: float) -> Volume:
+        data = np.ones((3, 3, 3))
+        data[1, 1, 2] = value
+        return Volume.from_array(data, session="s", subject="subj01", run=1, index=4, acq_time_s=0.0, tr_s=1.0,
+                                 affine=np.eye(4), envelope=Envelope("x", 0, 0.0))
+
+    np.testing.assert_array_equal(rois.read_volume(volume(-1e9)), [1.0, 1.0, -1e9])
+    for value in (1e300, -2e9, np.inf, np.nan):
+        with pytest.raises(Refusal, match="volume 4: 1 of 3 ROI voxels are NaN, inf or beyond") as refused:
+            rois.read_volume(volume(value))
+        assert refused.value.reason == Reason.BAD_DATA

@@ -44,8 +44,9 @@ MAX_VOXELS = 1 << 24  # X * Y * Z, i.e. 256^3
 MAX_RUN_VOLUMES = 10_000  # volume indices 0 .. MAX_RUN_VOLUMES - 1
 MAX_TRIALS = 10_000  # trial indices 0 .. MAX_TRIALS - 1, and events in one message
 MAX_RUN = 9_999  # run numbers 1 .. MAX_RUN
-MAX_TIME_S = 86_400.0  # acq_time_s, onset_s, duration_s
-MAX_TR_S = 60.0
+MAX_TIME_S = 86_400.0  # acq_time_s, onset_s
+MAX_DURATION_S = 600.0  # a trial's duration: the GLM's regressor grows with it (and with 1 / TR)
+MIN_TR_S, MAX_TR_S = 0.1, 60.0  # the GLM samples its regressors at the TR: a tiny one would take it minutes
 MAX_ABS_MM = 1e5  # affine entries: world coordinates within 100 m
 MAX_ABS_UNIX_S = 1e11  # sent_unix_s: year 5138
 MAX_IMAGE_ID = 2**31 - 1
@@ -274,7 +275,7 @@ class _Fields:
         return self.integer("run", 1, MAX_RUN)
 
     def tr(self) -> float:
-        return self.number("tr_s", 0.0, MAX_TR_S, above=True)
+        return self.number("tr_s", MIN_TR_S, MAX_TR_S)
 
     def trial(self, name: str = "trial") -> int:
         return self.integer(name, 0, MAX_TRIALS - 1)
@@ -429,7 +430,7 @@ class Events:
 
     @classmethod
     def _read(cls, f: _Fields, payload: list[memoryview], envelope: Envelope) -> Events:
-        events = tuple(Event(e.trial(), e.seconds("onset_s"), e.seconds("duration_s"), e.image_id(optional=True),
+        events = tuple(Event(e.trial(), e.seconds("onset_s"), e.number("duration_s", 0.0, MAX_DURATION_S), e.image_id(optional=True),
                              e.text("label")) for e in f.objects("events", MAX_TRIALS, "trials"))
         repeated = sorted(trial for trial, n in Counter(e.trial for e in events).items() if n > 1)
         if repeated:
