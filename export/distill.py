@@ -23,23 +23,17 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-import numpy as np
-import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from diffusers import UNet2DConditionModel
-from diffusers.optimization import get_constant_schedule_with_warmup
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from mindeye.clip import build_clip_embedder, clip_identity
-from mindeye.config import CONFIG_DIR
-from mindeye.generator import MindEyeUnCLIPPipeline, load_pipeline, make_scheduler, micro_conditioning_ids
-from mindeye.generator.pipeline import guidance_embedding
-from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, preview_scenes,
-                                       save_generator_folder, save_state, scene_loader, to_unit)
+from mindeye.cli import command
+
+if TYPE_CHECKING:  # torch, diffusers and the generator load where they are used: --help answers without them
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from mindeye.generator import MindEyeUnCLIPPipeline
 
 log = logging.getLogger(__name__)
 STATE_DIR, STUDENT_DIR = "train_state", "student"
@@ -69,6 +63,9 @@ def x0_and_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar_b: torch.Tenso
 
 def make_student(teacher: UNet2DConditionModel, guidance_dim: int) -> UNet2DConditionModel:
     """The teacher with a guidance-scale embedding added to its timestep embedding, zero-initialised."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
     # without `_use_default_values`: from_config drops the keys it lists (time_cond_proj_dim among them for a
     # UNet built in memory), which would discard the override and build a student without the embedding
     config = {k: v for k, v in teacher.config.items() if k != "_use_default_values"}
@@ -84,6 +81,10 @@ class ConsistencyDistiller:
     """The LCM loss of one batch, given the frozen teacher pipeline, the student and its target network."""
 
     def __init__(self, teacher: MindEyeUnCLIPPipeline, student, target, cfg: DictConfig):
+        import torch
+
+        from mindeye.generator import make_scheduler
+
         self.teacher, self.student, self.target, self.cfg = teacher, student, target, cfg
         schedule = teacher.scheduler.config
         self.alphas_cumprod = make_scheduler("ddpm", teacher.scheduler).alphas_cumprod
@@ -92,6 +93,11 @@ class ConsistencyDistiller:
         self.grid = torch.arange(1, cfg.ddim_timesteps + 1) * self.skip - 1  # 19, 39, ..., 999 for 50 points
 
     def loss(self, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        from mindeye.generator import micro_conditioning_ids
+        from mindeye.generator.pipeline import guidance_embedding
+
         teacher, cfg = self.teacher, self.cfg
         x0 = teacher.encode_images(images_b3hw)
         b, device = len(x0), x0.device
@@ -129,19 +135,35 @@ class ConsistencyDistiller:
 
 def student_pipeline(teacher: MindEyeUnCLIPPipeline, student_unet) -> MindEyeUnCLIPPipeline:
     """The teacher pipeline with the student UNet and the LCM sampler."""
+    from mindeye.generator import MindEyeUnCLIPPipeline, make_scheduler
+
     return MindEyeUnCLIPPipeline(student_unet, make_scheduler("lcm", teacher.scheduler), teacher.vae,
                                  clip_id=teacher.config.clip_id, clip_tokens=teacher.config.clip_tokens,
                                  original_size=tuple(teacher.config.original_size),
                                  crop_coords=tuple(teacher.config.crop_coords))
 
 
-@torch.no_grad()
 def update_ema(target, student, decay: float) -> None:
-    for p_target, p_student in zip(target.parameters(), student.parameters()):
-        p_target.lerp_(p_student.detach(), 1 - decay)
+    import torch
+
+    with torch.no_grad():
+        for p_target, p_student in zip(target.parameters(), student.parameters()):
+            p_target.lerp_(p_student.detach(), 1 - decay)
 
 
 def distill(cfg: DictConfig) -> Path:
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from tqdm.auto import tqdm
+
+    from mindeye.clip import build_clip_embedder, clip_identity
+    from mindeye.generator import load_pipeline
+    from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, preview_scenes,
+                                           save_generator_folder, save_state, scene_loader, to_unit)
+
     out_dir = Path(cfg.out_dir)
     state_dir = out_dir / STATE_DIR
     check_out_dir(out_dir, state_dir, cfg.resume)
@@ -231,7 +253,7 @@ def distill(cfg: DictConfig) -> Path:
     return save_generator_folder(student_pipeline(teacher, final), out_dir / STUDENT_DIR, half=cfg.save_fp16)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="distill", version_base="1.3")
+@command("distill", "mindeye-distill")
 def main(cfg: DictConfig) -> None:
     path = distill(cfg)
     print(f"student saved in {path} (samples in {Path(cfg.out_dir) / 'samples'})")

@@ -5,6 +5,7 @@ incomplete dataset learns which file is at fault and why, instead of a bare KeyE
 """
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -31,5 +32,20 @@ class ConfigValueError(ValueError):
     endpoint); the message says which setting and what to set instead."""
 
 
+class OutDirInUse(ConfigValueError, FileExistsError):
+    """A command's out_dir already holds another run; the message says how to continue it or go elsewhere."""
+
+
 class ServiceUnavailable(RuntimeError):
     """A service this command talks to did not answer."""
+
+
+class PortInUse(OSError):
+    """A port a command would listen on is taken; the message names the setting that moves it."""
+
+    def __init__(self, address: str, setting: str):
+        super().__init__(errno.EADDRINUSE, f"{address} is already in use (another program, perhaps another mindeye "
+                                           f"command, listens there): stop it or choose another port, e.g. {setting}")
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 98] ..."
+        return self.strerror

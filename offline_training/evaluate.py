@@ -15,23 +15,25 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from mindeye.clip import clip_identity
-from mindeye.config import CONFIG_DIR
-from mindeye.evaluation import (FeatureExtractor, evaluate_reconstructions, save_image_grid, world_feature_extractors,
-                                write_table)
-from mindeye.generator import (EncoderMismatch, GenerationSettings, MindEyeUnCLIPPipeline, Refinement, UnCLIPOutput,
-                               default_steps, load_pipeline, reconstruct, refine)
-from mindeye.metrics import RetrievalScore, retrieval_top1
-from mindeye.models import MindEye2, MindEyeOutput, load_checkpoint
-from mindeye.nsd import NSDLayout, StimulusBrick
-from mindeye.targets import build_target_cache, target_clip_config
-from offline_training.data import SubjectData, average_by_image, load_subject
+from mindeye.cli import command, require_checkpoint, require_data_root
+from mindeye.errors import ConfigValueError
+
+if TYPE_CHECKING:  # numpy, torch and the model stack load where they are used: --help answers without them
+    import numpy as np
+    import torch
+
+    from mindeye.evaluation import FeatureExtractor
+    from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline, Refinement, UnCLIPOutput
+    from mindeye.metrics import RetrievalScore
+    from mindeye.models import MindEye2, MindEyeOutput
+    from mindeye.nsd import StimulusBrick
+    from offline_training.data import SubjectData
+
+    Encoder = Callable[[torch.Tensor, str], MindEyeOutput]
 
 
 @dataclass(frozen=True)
@@ -44,20 +46,22 @@ class TestOutputs:
     low_level: np.ndarray | None  # (n_images, C, S, S)
 
 
-Encoder = Callable[[torch.Tensor, str], MindEyeOutput]
-
-
-@torch.no_grad()
 def predict_test_set(encode: Encoder, data: SubjectData, batch_size: int = 256,
                      device: torch.device | str = "cpu") -> TestOutputs:
     """`encode` maps (voxels, subject) to a MindEyeOutput: a MindEye2 in eval mode, or a training wrapper."""
+    import numpy as np
+    import torch
+
+    from offline_training.data import average_by_image
+
     parts: dict[str, list[np.ndarray]] = {"retrieval": [], "backbone": [], "low": []}
-    for start in range(0, len(data.test_voxels), batch_size):
-        out = encode(torch.from_numpy(data.test_voxels[start:start + batch_size]).to(device), data.name)
-        parts["retrieval"].append(out.retrieval_tokens.float().cpu().numpy())
-        parts["backbone"].append(out.backbone_tokens.float().cpu().numpy())
-        if out.low_level_latent is not None:
-            parts["low"].append(out.low_level_latent.float().cpu().numpy())
+    with torch.no_grad():
+        for start in range(0, len(data.test_voxels), batch_size):
+            out = encode(torch.from_numpy(data.test_voxels[start:start + batch_size]).to(device), data.name)
+            parts["retrieval"].append(out.retrieval_tokens.float().cpu().numpy())
+            parts["backbone"].append(out.backbone_tokens.float().cpu().numpy())
+            if out.low_level_latent is not None:
+                parts["low"].append(out.low_level_latent.float().cpu().numpy())
     ids, retrieval = average_by_image(np.concatenate(parts["retrieval"]), data.test_image_ids)
     _, backbone = average_by_image(np.concatenate(parts["backbone"]), data.test_image_ids)
     low = average_by_image(np.concatenate(parts["low"]), data.test_image_ids)[1] if parts["low"] else None
@@ -66,6 +70,8 @@ def predict_test_set(encode: Encoder, data: SubjectData, batch_size: int = 256,
 
 def test_retrieval(outputs: TestOutputs, targets, seed: int = 0) -> RetrievalScore:
     """Top-1 retrieval of the averaged retrieval tokens against the test images' CLIP tokens."""
+    from mindeye.metrics import retrieval_top1
+
     tokens, _ = targets.get(outputs.image_ids)
     return retrieval_top1(outputs.retrieval_tokens, tokens, seed=seed)
 
@@ -83,30 +89,38 @@ class Generation:
 
     def images(self, image_tokens_nld: np.ndarray, blurry: np.ndarray | None, size: int) -> UnCLIPOutput:
         """`reconstruct`'s output (.generated, .images blended with `blurry`) at size x size pixels."""
+        from mindeye.generator import reconstruct
+
         return reconstruct(self.pipe, image_tokens_nld, low_level_nhwc=blurry, settings=self.settings, seed=self.seed,
                            output_size=size)
 
-    @torch.no_grad()
     def sample_tokens(self, model: MindEye2, backbone_nld: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Image tokens the prior samples from backbone tokens, noise drawn batch after batch from `seed`."""
+        import numpy as np
+        import torch
+
         generator = torch.Generator().manual_seed(self.seed)
-        return np.concatenate([model.prior.sample(torch.from_numpy(backbone_nld[start:start + batch_size]),
-                                                  steps=self.prior_steps, sampler=self.prior_sampler,
-                                                  generator=generator).float().numpy()
-                               for start in range(0, len(backbone_nld), batch_size)])
+        with torch.no_grad():
+            return np.concatenate([model.prior.sample(torch.from_numpy(backbone_nld[start:start + batch_size]),
+                                                      steps=self.prior_steps, sampler=self.prior_sampler,
+                                                      generator=generator).float().numpy()
+                                   for start in range(0, len(backbone_nld), batch_size)])
 
 
 def load_generation(cfg: DictConfig, data_cfg: DictConfig) -> Generation | None:
-    """The `generator` config block's Generation (None without a path); exits with one message if the
-    generator was trained on another CLIP encoder than the data's."""
+    """The `generator` config block's Generation (None without a path); an EncoderMismatch if the generator
+    was trained on another CLIP encoder than the data's."""
     if cfg.path is None:
         return None
+    from mindeye.clip import clip_identity
+    from mindeye.generator import GenerationSettings, Refinement, default_steps, load_pipeline
+    from mindeye.models.prior import check_sampler
+    from mindeye.targets import target_clip_config
+
+    check_sampler(cfg.prior_sampler, "generator.prior_sampler")
     encoder = clip_identity(target_clip_config(data_cfg))
-    try:
-        pipe = load_pipeline(cfg.path, clip_id=encoder)
-        base = None if cfg.refine.path is None else load_pipeline(cfg.refine.path, clip_id=encoder)
-    except EncoderMismatch as error:
-        raise SystemExit(f"mindeye-evaluate: {error}") from None
+    pipe = load_pipeline(cfg.path, clip_id=encoder)
+    base = None if cfg.refine.path is None else load_pipeline(cfg.refine.path, clip_id=encoder)
     settings = GenerationSettings(steps=int(cfg.steps or default_steps(pipe)), guidance_scale=float(cfg.guidance_scale),
                                   lowlevel_blend=float(cfg.lowlevel_blend))
     refinement = None
@@ -123,6 +137,13 @@ def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, sti
                         ) -> tuple[dict[str, dict], dict[str, np.ndarray], TestOutputs]:
     """Table rows and images (uint8 (n, H, W, 3)) by kind - "blurry" (the low-level head), "generated" and
     "blend" (with `generation`) - and the averaged outputs; without images, one row "" of retrieval alone."""
+    import numpy as np
+    import torch
+
+    from mindeye.evaluation import evaluate_reconstructions
+    from mindeye.generator import refine
+    from mindeye.models import load_checkpoint
+
     model = load_checkpoint(checkpoint)
     outputs = predict_test_set(model, data)
     retrieval = test_retrieval(outputs, targets, seed=seed)
@@ -147,10 +168,34 @@ def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, sti
             for kind, recon in images.items()}, images, outputs
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
+def check_subject(checkpoint: Path, subject: int) -> None:
+    """A ConfigValueError, naming the subjects it knows, unless the model in `checkpoint` has an aligner for
+    `subject` (the docs' finetuned model is subj08's, the demo's subj01's)."""
+    from mindeye.models import read_checkpoint_config
+    from mindeye.nsd import subject_name
+
+    known = read_checkpoint_config(checkpoint)[0].subjects
+    if subject_name(subject) not in known:
+        numbers = [str(int(name.removeprefix("subj"))) for name in known]
+        choice = numbers[0] + (f" (or {', '.join(numbers[1:])})" if len(numbers) > 1 else "")
+        raise ConfigValueError(f"the model in {checkpoint} has no aligner for {subject_name(subject)} "
+                               f"(subject={subject}); this model knows {', '.join(known)}: pass subject={choice}")
+
+
+@command("evaluate", "mindeye-evaluate")
 def main(cfg: DictConfig) -> None:
     checkpoints = cfg.checkpoints if isinstance(cfg.checkpoints, DictConfig) else {"model": cfg.checkpoints}
-    generation = load_generation(cfg.generator, cfg.data)  # before anything heavy: refuses another encoder's
+    for path in checkpoints.values():  # the usual mistakes first, before anything heavy loads
+        require_checkpoint(path, "checkpoints")
+    require_data_root(cfg.data.root)
+    for path in checkpoints.values():
+        check_subject(Path(path), cfg.subject)
+    from mindeye.evaluation import evaluate_reconstructions, save_image_grid, world_feature_extractors, write_table
+    from mindeye.nsd import NSDLayout, StimulusBrick
+    from mindeye.targets import build_target_cache
+    from offline_training.data import load_subject
+
+    generation = load_generation(cfg.generator, cfg.data)  # before the data: refuses another encoder's generator
     data = load_subject(cfg.data, cfg.subject)
     targets = build_target_cache(cfg.data)
     world = world_feature_extractors(targets.embedder) if cfg.data.clip == "world" else ()

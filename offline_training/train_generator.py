@@ -23,23 +23,17 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-import numpy as np
-import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from mindeye.clip import build_clip_embedder, clip_identity
-from mindeye.config import CONFIG_DIR
-from mindeye.generator import MindEyeUnCLIPPipeline, build_pipeline, make_scheduler, micro_conditioning_ids
-from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, preview_scenes,
-                                       save_generator_folder, save_state, scene_loader, to_unit)
+from mindeye.cli import command
+
+if TYPE_CHECKING:  # torch, diffusers and the generator load where they are used: --help answers without them
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    from mindeye.generator import MindEyeUnCLIPPipeline
 
 log = logging.getLogger(__name__)
 STATE_DIR, GENERATOR_DIR = "train_state", "generator"
@@ -48,6 +42,12 @@ STATE_DIR, GENERATOR_DIR = "train_state", "generator"
 def diffusion_loss(pipe: MindEyeUnCLIPPipeline, noise_schedule, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor,
                    cond_drop_prob: float, snr_gamma: float | None) -> torch.Tensor:
     """min-SNR-weighted MSE (eps or v target) at a random timestep per row; dropped rows get random tokens."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    from mindeye.generator import micro_conditioning_ids
+
     x0 = pipe.encode_images(images_b3hw)
     batch = len(x0)
     noise = torch.randn_like(x0)
@@ -68,6 +68,19 @@ def diffusion_loss(pipe: MindEyeUnCLIPPipeline, noise_schedule, images_b3hw: tor
 
 
 def train_generator(cfg: DictConfig) -> Path:
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from mindeye.clip import build_clip_embedder, clip_identity
+    from mindeye.generator import build_pipeline, make_scheduler
+    from mindeye.generator.training import (check_out_dir, load_state, plot_loss, preview_grid, preview_scenes,
+                                           save_state, scene_loader, to_unit)
+
     out_dir = Path(cfg.out_dir)
     state_dir = out_dir / STATE_DIR
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -154,11 +167,13 @@ class ema_weights:
 
 def save_generator(pipe: MindEyeUnCLIPPipeline, ema: EMAModel, unet, path: Path, *, half: bool) -> Path:
     """The pipeline with the EMA weights (in float16 when `half`: half the size, loads as float32)."""
+    from mindeye.generator.training import save_generator_folder
+
     ema.copy_to(unet.parameters())
     return save_generator_folder(pipe, path, half=half)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train_generator", version_base="1.3")
+@command("train_generator", "mindeye-train-generator")
 def main(cfg: DictConfig) -> None:
     path = train_generator(cfg)
     print(f"generator saved in {path} (samples in {Path(cfg.out_dir) / 'samples'})")

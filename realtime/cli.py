@@ -5,34 +5,40 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import hydra
-import torch
 from omegaconf import DictConfig
 
-from mindeye.clip import clip_identity
-from mindeye.config import CONFIG_DIR
-from mindeye.generator import GenerationSettings, Refinement, load_pipeline
-from mindeye.latents import build_latent_codec
-from mindeye.models import read_checkpoint_config
-from mindeye.models.prior import check_sampler
-from mindeye.nsd import NSDLayout, StimulusBrick
-from mindeye.protocol.transport import CurveServer, InsecureEndpointError
-from mindeye.targets import build_target_cache, target_clip_config
-from realtime.backends import RetrievalBank, TorchBackend, candidate_image_ids
-from realtime.pipeline import SubjectRois
-from realtime.service import RealtimeService, ServiceSettings
+from mindeye.cli import command, port_taken, require_checkpoint, require_data_root
+from mindeye.errors import ConfigValueError, PortInUse
+
+if TYPE_CHECKING:  # torch and the model stack load in build_service: --help answers without them
+    from mindeye.generator import Refinement
+    from realtime.service import RealtimeService
 
 log = logging.getLogger(__name__)
 
 
 def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     """The service `cfg` (configs/realtime.yaml) describes: backend, ROIs, viewer, sockets' settings."""
-    check_sampler(cfg.decode.prior_sampler)  # clear errors before anything heavy loads
-    checkpoint = Path(cfg.checkpoint)
+    import torch
+
+    from mindeye.generator import GenerationSettings
+    from mindeye.latents import build_latent_codec
+    from mindeye.models import read_checkpoint_config
+    from mindeye.models.prior import check_sampler
+    from mindeye.nsd import NSDLayout, StimulusBrick
+    from mindeye.protocol.transport import CurveServer
+    from mindeye.targets import build_target_cache
+    from realtime.backends import RetrievalBank, TorchBackend, candidate_image_ids
+    from realtime.pipeline import SubjectRois
+    from realtime.service import RealtimeService, ServiceSettings
+
+    check_sampler(cfg.decode.prior_sampler, "decode.prior_sampler")  # clear errors before anything loads
+    checkpoint = require_checkpoint(cfg.checkpoint)
+    root = require_data_root(cfg.data.root)
     model_config, _ = read_checkpoint_config(checkpoint)
     subjects = list(cfg.subjects or model_config.subjects)
-    root = Path(cfg.data.root)
     stimuli = StimulusBrick(NSDLayout(root).stimuli())
     targets = build_target_cache(cfg.data)
     bank = RetrievalBank.from_targets(targets, candidate_image_ids(root, cfg.decode.candidates))
@@ -57,7 +63,7 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     curve = None
     if cfg.curve.secret_key_file or cfg.curve.allowed_clients_dir:
         if not (cfg.curve.secret_key_file and cfg.curve.allowed_clients_dir):
-            raise ValueError("CURVE needs both curve.secret_key_file and curve.allowed_clients_dir")
+            raise ConfigValueError("CURVE needs both curve.secret_key_file and curve.allowed_clients_dir")
         import zmq
 
         context = context or zmq.Context.instance()
@@ -83,6 +89,8 @@ def load_generator(cfg: DictConfig):
 
 def load_refinement(cfg: DictConfig) -> Refinement | None:
     """The optional refinement stage (`generate.refine`; off unless its generator is set)."""
+    from mindeye.generator import GenerationSettings, Refinement
+
     refine = cfg.generate.refine
     if refine.generator is None:
         return None
@@ -93,6 +101,10 @@ def load_refinement(cfg: DictConfig) -> Refinement | None:
 
 def _load_for_data(folder: str, cfg: DictConfig):
     """A generator folder on the decode device, refused unless trained on the data's CLIP encoder."""
+    from mindeye.clip import clip_identity
+    from mindeye.generator import load_pipeline
+    from mindeye.targets import target_clip_config
+
     return load_pipeline(folder, device=cfg.decode.device, clip_id=clip_identity(target_clip_config(cfg.data)))
 
 
@@ -105,24 +117,29 @@ def log_to(out_dir: Path, level: str) -> None:
     logging.getLogger().setLevel(level)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="realtime", version_base="1.3")
+@command("realtime", "mindeye-realtime")
 def main(cfg: DictConfig) -> None:
+    require_checkpoint(cfg.checkpoint)  # the usual mistakes, answered before torch loads (build_service
+    require_data_root(cfg.data.root)    # checks them again for its other callers)
     log_to(Path(cfg.out_dir), cfg.log_level)
     service = build_service(cfg)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     if service.viewer is not None:
-        service.viewer.start()
+        try:
+            service.viewer.start()
+        except OSError as error:
+            if not port_taken(error):
+                raise
+            raise PortInUse(f"the viewer's port {cfg.viewer.host}:{cfg.viewer.port}",
+                            f"viewer.port={cfg.viewer.port + 1}") from error
         log.info("live viewer at %s", service.viewer.url)
     try:
         service.run(stop)
-    except InsecureEndpointError as error:
-        raise SystemExit(f"mindeye-realtime: {error}") from None
     finally:
         if service.viewer is not None:
             service.viewer.stop()
-
 
 if __name__ == "__main__":
     main()

@@ -24,13 +24,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
 from PIL import Image
 
 from mindeye.protocol import Result, Retrieval, Stamper, encode, new_subscriptions, send
-from realtime.backends import DecodeBackend
+
+if TYPE_CHECKING:  # the backends import torch: a viewer that imports this module must not wait for it
+    from realtime.backends import DecodeBackend
 
 log = logging.getLogger(__name__)
 

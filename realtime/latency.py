@@ -9,7 +9,7 @@ Statistics cover decoded, non-recovered results only: a skipped trial ran only p
 pipeline, and a recovered one was re-published from the journal after a restart, so its
 end-to-end time measures the outage, not the service. Both are still counted.
 
-    python -m realtime.latency runs/subj01-nsd01/latency.csv   # or the folder holding it
+    mindeye-latency-report runs/subj01-nsd01/latency.csv   # or the folder holding it
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mindeye.cli import plain_command
 from mindeye.errors import FormatError, MissingFileError
 from mindeye.protocol import TIMING_STAGES, Result
 
@@ -366,9 +367,10 @@ def _plot_distribution(axes: Any, rows: list[dict], report: LatencyReport) -> No
 
 # ---- command line -------------------------------------------------------------------------------------
 
+@plain_command("mindeye-latency-report")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m realtime.latency",
+        prog="mindeye-latency-report",
         description="Summarize the realtime service's per-result latency log: write latency.json (counts and "
                     "per-stage mean/p50/p90/p95/p99/max in ms over decoded, non-recovered results) and latency.png "
                     "(stage times per trial, CDF of end-to-end latency), then print the table.",
@@ -379,10 +381,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder for latency.json and latency.png (default: the CSV's folder)")
     args = parser.parse_args(argv)
     path_csv = args.path / LATENCY_CSV if args.path.is_dir() else args.path
-    try:
-        report = write_report(path_csv, args.out)
-    except (MissingFileError, FormatError) as error:
-        raise SystemExit(f"error: {error}") from None
+    report = write_report(path_csv, args.out)
     print(report.format())
     print(f"wrote {(args.out or path_csv.parent) / REPORT_JSON} and {(args.out or path_csv.parent) / REPORT_PNG}")
 

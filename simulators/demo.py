@@ -18,15 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from mindeye.config import CONFIG_DIR
-from mindeye.nsd import ExpDesign, NSDLayout
-from simulators.replay.sender import replay
-from simulators.replay.sources import NSDSource
-from simulators.world.generate import format_summary, generate_world
-from simulators.world.learnability import check_learnability
+from mindeye.cli import command
 
 
 def train_model(cfg: DictConfig, root: Path, train_sessions: list[int]) -> Path:
@@ -84,8 +78,15 @@ def report(out_dir: Path, shared_images: set[int]) -> None:
     print(f"files: {out_dir} (results.jsonl, latency.csv/json/png, journal.mej, betas/)")
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="demo", version_base="1.3")
+@command("demo", "mindeye-demo")
 def main(cfg: DictConfig) -> None:
+    # imported here, not at the top, so that --help answers without loading them
+    from mindeye.nsd import ExpDesign, NSDLayout
+    from simulators.replay.sender import replay
+    from simulators.replay.sources import NSDSource
+    from simulators.world.generate import format_summary, generate_world
+    from simulators.world.learnability import check_learnability
+
     root = Path(cfg.out_dir)
     summary = generate_world(cfg.world, root, overwrite=cfg.overwrite, progress=cfg.progress)
     print(format_summary(summary, root))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,7 +198,10 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert exit_info.value.code == 0
     assert "--out DIR" in capsys.readouterr().out
 
-    with pytest.raises(SystemExit, match=r"error: missing latency log: expected it at .*latency\.csv"):
+    with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
+    assert exit_info.value.code == 3  # mindeye.cli.EXIT_CODES["missing file"]
+    assert re.fullmatch(r"mindeye-latency-report: missing latency log: expected it at .*latency\.csv \(.*\)\n",
+                        capsys.readouterr().err)
     with pytest.raises(MissingFileError):
         read_latency_csv(tmp_path / "latency.csv")

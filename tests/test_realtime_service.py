@@ -319,7 +319,7 @@ def test_kill_9_mid_run_and_restart_loses_nothing_and_counts_nothing_twice(tiny_
     try:
         wait_listening(tmp_path, process, life=1)
         replay(Partial(), f"tcp://127.0.0.1:{port}")
-        time.sleep(1.0)  # let some results go out, so that some are before the kill and some not
+        wait_for_results(tmp_path, 1, timeout_s=30)  # some results out before the kill (the rest after it)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(30)
@@ -350,6 +350,22 @@ def free_ports(n: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+def test_a_busy_viewer_port_ends_the_service_with_one_line_naming_viewer_port(tiny_world, checkpoint, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "realtime.cli", f"checkpoint={checkpoint}",
+                               f"data.root={tiny_world[0]}", f"out_dir={tmp_path / 'session'}", f"viewer.port={port}",
+                               "decode.prior_steps=2", "generate.generator=null"],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 5, done.stderr[-3000:]  # mindeye.cli.EXIT_CODES["busy port"]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"mindeye-realtime: the viewer's port 127.0.0.1:{port} is already in use (another program, perhaps another "
+        f"mindeye command, listens there): stop it or choose another port, e.g. viewer.port={port + 1}")
 
 
 def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_path):

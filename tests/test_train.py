@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from mindeye.config import CONFIG_DIR, load_config
 from mindeye.models import build_model, load_checkpoint
 from offline_training.data import load_subject
-from offline_training.train import BatchPlan, init_from_pretrained, make_optimizer, train
+from offline_training.trainer import BatchPlan, init_from_pretrained, make_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["model.dropout=0", "model.low_level.dropout=0"]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from mindeye.errors import OutDirInUse
 from mindeye.scenes import SceneBatches, paint_scene, sample_scene, save_grid
 
 PROGRESS_FILE = "progress.json"
@@ -53,7 +54,7 @@ def load_state(accelerator, state_dir: Path) -> dict:
 
 def check_out_dir(out_dir: Path, state_dir: Path, resume: bool) -> None:
     if state_dir.is_dir() and not resume:
-        raise FileExistsError(f"{out_dir} holds a run; pass resume=true to continue it or choose another out_dir")
+        raise OutDirInUse(f"{out_dir} holds a run; pass resume=true to continue it or choose another out_dir")
 
 
 def plot_loss(records: list[dict], path: Path, *, ylabel: str, title: str) -> None:

@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
+from mindeye.errors import ConfigValueError
 from mindeye.models.config import PriorConfig
 
 COSINE_SIM_SCALE = 16.0  # attention logits = 16 * cos(q, k): the official prior's temperature
@@ -45,10 +46,12 @@ PRIOR_SAMPLERS = {  # name -> (diffusers scheduler, its options, options of its 
 }
 
 
-def check_sampler(sampler: str) -> str:
-    """`sampler` if it names a PRIOR_SAMPLERS entry, else a ValueError listing them."""
+def check_sampler(sampler: str, setting: str | None = None) -> str:
+    """`sampler` if it names a PRIOR_SAMPLERS entry, else a ConfigValueError listing them (and naming the
+    config `setting` it came from)."""
     if sampler not in PRIOR_SAMPLERS:
-        raise ValueError(f"unknown prior sampler {sampler!r}; choose one of {', '.join(PRIOR_SAMPLERS)}")
+        where = f"{setting}: " if setting else ""
+        raise ConfigValueError(f"{where}unknown prior sampler {sampler!r}; choose one of {', '.join(PRIOR_SAMPLERS)}")
     return sampler
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mindeye.errors import MissingFileError
+from mindeye.errors import ConfigValueError, MissingFileError
 
 
 def subject_name(subject: int) -> str:
     """NSD's name for a subject number: 1 -> 'subj01'."""
     if not 1 <= subject <= 99:
-        raise ValueError(f"subject numbers are 1-based, got {subject}")
+        raise ConfigValueError(f"subject numbers are 1-based, got {subject}")
     return f"subj{subject:02d}"
 
 

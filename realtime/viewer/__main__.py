@@ -1,4 +1,4 @@
-"""python -m realtime.viewer: subscribe to a realtime service's results and serve the live page."""
+"""mindeye-viewer: subscribe to a realtime service's results and serve the live page."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import zmq
 
+from mindeye.cli import plain_command
 from mindeye.protocol import RESULTS_ENDPOINT, CurveClient, ProtocolError, Result, recv, result_subscriber
 from realtime.viewer.server import LiveViewer
 
@@ -24,15 +25,15 @@ Like any ZeroMQ subscriber it sees only results published after it connected.
 The status line shows this relay's counters (received, shown, malformed, ...).
 
 Examples:
-  python -m realtime.viewer                                     # service on this machine
-  python -m realtime.viewer --results tcp://gpu-host:5556 --stimuli /data/nsd_stimuli.hdf5 \\
+  mindeye-viewer                                  # service on this machine
+  mindeye-viewer --results tcp://gpu-host:5556 --stimuli /data/nsd_stimuli.hdf5 \\
       --curve-secret keys/viewer.key_secret --curve-server-key keys/service.key --host 0.0.0.0
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m realtime.viewer", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="mindeye-viewer", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Live web viewer of a MindEye2 realtime service: subscribes to its result stream and "
                     "serves a page that updates as trials are decoded.")
     parser.add_argument("--results", default=RESULTS_ENDPOINT, metavar="ENDPOINT",
@@ -82,6 +83,7 @@ def relay(socket: zmq.Socket, viewer: LiveViewer, stop: threading.Event, *, sess
         viewer.set_status(counts)
 
 
+@plain_command("mindeye-viewer", ports="pass --port 8081 (--port 0 picks a free one)")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mindeye.cli import command
+from mindeye.errors import ConfigValueError
 from mindeye.nsd import NSDLayout, subject_name
 from mindeye.protocol import CurveClient
 from simulators.replay.faults import Faults
@@ -22,16 +23,16 @@ def build_source(cfg: DictConfig) -> Source:
                          dtype=cfg.dtype, events_mode=cfg.events_mode, run_gap_s=cfg.run_gap_s)
     if cfg.source == "nifti":
         if cfg.nifti is None:
-            raise ValueError("source=nifti needs nifti=PATH (a 4D NIfTI)")
+            raise ConfigValueError("source=nifti needs nifti=PATH (a 4D NIfTI)")
         return NiftiSource(Path(cfg.nifti), subject_id=cfg.subject_id or subject_name(cfg.subject),
                            session_id=cfg.session_id, run=cfg.run, tr_s=cfg.tr_s,
                            events_tsv=None if cfg.events_tsv is None else Path(cfg.events_tsv), dtype=cfg.dtype,
                            events_mode=cfg.events_mode)
     if cfg.source == "journal":
         if cfg.journal is None:
-            raise ValueError("source=journal needs journal=PATH (a session journal)")
+            raise ConfigValueError("source=journal needs journal=PATH (a session journal)")
         return JournalSource(Path(cfg.journal))
-    raise ValueError(f"source must be nsd, nifti or journal, got {cfg.source!r}")
+    raise ConfigValueError(f"source must be nsd, nifti or journal, got {cfg.source!r}")
 
 
 def build_curve(cfg: DictConfig) -> CurveClient | None:
@@ -39,7 +40,7 @@ def build_curve(cfg: DictConfig) -> CurveClient | None:
     if keys == (None, None):
         return None
     if None in keys:
-        raise ValueError("CURVE needs both curve.secret_key_file and curve.server_public_key_file")
+        raise ConfigValueError("CURVE needs both curve.secret_key_file and curve.server_public_key_file")
     return CurveClient(Path(keys[0]), Path(keys[1]))
 
 

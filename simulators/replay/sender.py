@@ -146,11 +146,11 @@ class _Connection:
 
 def replay(source: Source, endpoint: str, *, faults: Faults = Faults(), seed: int = 0, speed: str | float = "max",
            context: zmq.Context | None = None, curve: CurveClient | None = None, fault_log: Path | None = None,
-           ack_wait_s: float = 5.0, first_ack_wait_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+           ack_wait_s: float = 5.0, first_ack_wait_s: float | None = None, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep) -> ReplaySummary:
     """Stream every run of `source` to the receiver at `endpoint` with `faults` injected; write the
     fault log as JSON lines to `fault_log` (when given); return what was sent and acked. Raises
-    NoReceiverError when the first message is not acked within `first_ack_wait_s`."""
+    NoReceiverError when the first message is not acked within `first_ack_wait_s` (None: no such check)."""
     pacer = Pacer(parse_speed(speed), clock, sleep)
     own_context = context is None
     context = context or zmq.Context()
@@ -180,7 +180,7 @@ def replay(source: Source, endpoint: str, *, faults: Faults = Faults(), seed: in
                     continue
                 connection.send(item)
                 summary.sent[item.type] += 1
-                first = sum(summary.sent.values()) == 1  # wait for its ack: is anybody there?
+                first = first_ack_wait_s is not None and sum(summary.sent.values()) == 1  # is anybody there?
                 connection.read_acks(summary, timeout_ms=int(first_ack_wait_s * 1000) if first else 0)
                 if first and connection.n_answered == 0:
                     raise NoReceiverError(f"no service answered at {endpoint} within {first_ack_wait_s:g} s: it is "

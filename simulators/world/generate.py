@@ -11,26 +11,17 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
-import hydra
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from scipy.ndimage import gaussian_filter
-from tqdm.auto import tqdm
 
-from mindeye.clip import build_clip_embedder
-from mindeye.config import CONFIG_DIR
-from mindeye.glm import drift_basis, fit_lsa, trial_regressors
-from mindeye.nsd import NSDLayout, RoiMask, design_vector
-from mindeye.nsd.design import IMAGE_SECONDS
-from mindeye.nsd.files import write_betas, write_design, write_mindeye_betas, write_roi, write_stimuli, write_timeseries
-from simulators.world.anatomy import make_anatomy
-from simulators.world.design import make_design, volumes_per_run
-from simulators.world.encoding import shared_code, subject_encoding
-from simulators.world.scanner import run_timeseries
-from simulators.world.stats import rowwise_corr, standardise
-from mindeye.scenes import render_stimuli
+from mindeye.cli import command
+from mindeye.errors import OutDirInUse
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mindeye.nsd import NSDLayout
 
 WORLD_FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
@@ -47,6 +38,18 @@ def generate_world(world_cfg, out_dir: Path, *, overwrite: bool = False, progres
     An existing world made from the same config is reused; one from another config is an
     error unless `overwrite`.
     """
+    # numpy, h5py, scipy, the CLIP encoder (torch) load here, not when mindeye-world answers --help
+    import h5py
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from mindeye.clip import build_clip_embedder
+    from mindeye.nsd import NSDLayout
+    from mindeye.nsd.files import write_stimuli
+    from mindeye.scenes import render_stimuli
+    from simulators.world.design import make_design, volumes_per_run
+    from simulators.world.encoding import shared_code
+
     out_dir = Path(out_dir)
     summary_path = out_dir / "ground_truth" / "world.json"
     if summary_path.is_file():
@@ -55,8 +58,8 @@ def generate_world(world_cfg, out_dir: Path, *, overwrite: bool = False, progres
             log.info("world %s already generated from this config: %s", world_cfg.name, out_dir)
             return existing
         if not overwrite:
-            raise FileExistsError(f"{out_dir} holds a world made from another config; pass overwrite=true "
-                                  f"or choose another out_dir")
+            raise OutDirInUse(f"{out_dir} holds a world made from another config; pass overwrite=true "
+                              f"or choose another out_dir")
 
     seeds = np.random.SeedSequence(world_cfg.seed).spawn(4)
     design_rng, code_rng = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
@@ -96,6 +99,21 @@ def generate_world(world_cfg, out_dir: Path, *, overwrite: bool = False, progres
 
 def _generate_subject(cfg, subject: int, design, code_nk, layout: NSDLayout, truth_dir: Path,
                       rng: np.random.Generator, progress: bool) -> dict:
+    import h5py
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+    from tqdm.auto import tqdm
+
+    from mindeye.glm import drift_basis, fit_lsa, trial_regressors
+    from mindeye.nsd import RoiMask, design_vector
+    from mindeye.nsd.design import IMAGE_SECONDS
+    from mindeye.nsd.files import write_betas, write_design, write_mindeye_betas, write_roi, write_timeseries
+    from simulators.world.anatomy import make_anatomy
+    from simulators.world.design import volumes_per_run
+    from simulators.world.encoding import subject_encoding
+    from simulators.world.scanner import run_timeseries
+    from simulators.world.stats import rowwise_corr, standardise
+
     anatomy = make_anatomy(subject, cfg.brain, rng)
     write_roi(layout.roi(subject), anatomy.roi_xyz, anatomy.affine, brain_xyz=anatomy.brain_xyz)
     write_roi(layout.brainmask(subject), anatomy.brain_xyz, anatomy.affine)
@@ -166,7 +184,7 @@ def _generate_subject(cfg, subject: int, design, code_nk, layout: NSDLayout, tru
             "beta_vs_image_response_r": float(np.median(reliability))}
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="world_generate", version_base="1.3")
+@command("world_generate", "mindeye-world")
 def main(cfg: DictConfig) -> None:
     summary = generate_world(cfg.world, Path(cfg.out_dir), overwrite=cfg.overwrite, progress=cfg.progress)
     print(format_summary(summary, Path(cfg.out_dir)))
