@@ -23,6 +23,7 @@ run's betas), service.log.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -89,7 +90,7 @@ class RealtimeService:
         self.curve = curve
         self.admission = Admission(rois.check_run, rois.read_volume, settings.gap_wait_s)
         self.runs: dict[RunKey, _LiveRun] = {}
-        self.counters = {"messages": 0, "malformed": 0, "recovered_records": 0}
+        self.counters = {"messages": 0, "malformed": 0, "recovered_records": 0, "internal_errors": 0}
         self.ready = threading.Event()
         self._stamper = Stamper()
 
@@ -137,16 +138,17 @@ class RealtimeService:
         log.info("resuming from %s", journal_path)
         for record in read_journal(journal_path):
             self.counters["recovered_records"] += 1
-            self._process(self.admission.tick(record.received_unix_s), recovering=True)
-            if record.refusal is not None:
-                continue  # a malformed message's note: refused then, nothing to redo
-            try:
-                message = record.message()
-            except ProtocolError as error:  # accepted by an older, laxer service: today's limits refuse it
-                log.warning("journal record %d skipped: %s", record.index, error)
-                continue
-            _, steps = self.admission.judge(message, record.received_unix_s, None)
-            self._process(steps, recovering=True)
+            with self._contained(f"journal record {record.index}"):
+                self._process(self.admission.tick(record.received_unix_s), recovering=True)
+                if record.refusal is not None:
+                    continue  # a malformed message's note: refused then, nothing to redo
+                try:
+                    message = record.message()
+                except ProtocolError as error:  # accepted by an older, laxer service: today's limits refuse it
+                    log.warning("journal record %d skipped: %s", record.index, error)
+                    continue
+                _, steps = self.admission.judge(message, record.received_unix_s, None)
+                self._process(steps, recovering=True)
         log.info("recovered %d journal records: %d runs, %d trials already published",
                  self.counters["recovered_records"], len(self.admission.runs), len(self._published))
 
@@ -156,11 +158,12 @@ class RealtimeService:
         next_status_s = 0.0
         while not stop.is_set():
             now_s = time.time()
-            self._process(self.admission.tick(now_s))
             deadline_s = self.admission.next_deadline_s()
             timeout_ms = 50 if deadline_s is None else max(0, min(50, int((deadline_s - now_s) * 1000) + 1))
-            if receiver.poll(timeout_ms, zmq.POLLIN):
-                self._receive(receiver, journal)
+            with self._contained("a message"):
+                self._process(self.admission.tick(now_s))
+                if receiver.poll(timeout_ms, zmq.POLLIN):
+                    self._receive(receiver, journal)
             if self.viewer is not None and time.monotonic() >= next_status_s:
                 self.viewer.set_status(self.status())
                 next_status_s = time.monotonic() + self.settings.status_every_s
@@ -198,6 +201,16 @@ class RealtimeService:
         send(receiver, Ack(message.envelope.seq, judgement.verdict, judgement.reason, judgement.detail,
                            self._stamper.envelope()), peer=peer)
         self._process(steps)
+
+    @contextlib.contextmanager
+    def _contained(self, what: str):
+        """A bug met while handling one message is logged and counted, and the service goes on with the
+        next: one message must not end a visit (nor, replayed from the journal, every restart after it)."""
+        try:
+            yield
+        except Exception:
+            self.counters["internal_errors"] += 1
+            log.exception("internal error while handling %s; going on with the next", what)
 
     # -- processing -----------------------------------------------------------------------------------
 
@@ -253,7 +266,8 @@ class RealtimeService:
                 "rejected_by_reason": ", ".join(f"{reason} {n}" for reason, n in sorted(
                     counters.rejected_by_reason.items())) or "none", "volumes_missing": counters.volumes_missing,
                 "out_of_order": counters.out_of_order, "messages_lost": counters.messages_lost,
-                "malformed": self.counters["malformed"], "open_runs": len(self.runs),
+                "malformed": self.counters["malformed"], "internal_errors": self.counters["internal_errors"],
+                "open_runs": len(self.runs),
                 "decode_pending": self.worker.pending, **{f"trials_{k}": v for k, v in self.worker.counters.items()}}
 
 
