@@ -65,6 +65,8 @@ def main() -> int:
 
     import fuzz_messages
 
+    from simulators.world.untrained import untrained_checkpoint
+
     command = "$ .venv/bin/python benchmarks/fuzz_service.py " + " ".join(map(shlex.quote, sys.argv[1:]))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -76,7 +78,7 @@ def main() -> int:
             world = work / "world" / "tiny"
             print(f"{args.world} holds no world: generating the tiny one in {world}", file=sys.stderr)
             generate_world(load_config("world_generate").world, world, progress=False)
-        checkpoint = args.checkpoint or fuzz_messages.untrained_checkpoint(world, work / "model")
+        checkpoint = args.checkpoint or untrained_checkpoint(world, work / "model" / "checkpoint")
         out_dir = args.out_dir or work / "service"
         started = time.strftime("%a %b %d %H:%M:%S %Z %Y")
         with tqdm(total=args.messages, unit="msg", smoothing=0.05, mininterval=1.0, disable=args.no_progress,

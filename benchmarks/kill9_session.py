@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import (NSD_VOLUMES, REPO, NSDSizeSource, Report, command_line, free_port_pair, machine_lines,  # noqa: E402
                   make_checkpoint, make_roi, read_results, service_command, start_service, stop_service,
                   wait_listening)
+from simulators.world.untrained import untrained_checkpoint  # noqa: E402
 
 SUBJECT = 1
 
@@ -118,29 +119,6 @@ class SessionSpec:
                     f"decode.prior_steps={self.prior_steps}", f"journal_fsync={self.fsync}"]
         return service_command(self.work_dir, out_dir, port, prior_steps=self.prior_steps, fsync=self.fsync,
                                gap_wait_s=None)
-
-
-def world_checkpoint(root: Path, directory: Path) -> Path:
-    """The tiny model, untrained, shaped for the world's subject 1 and its CLIP targets (as
-    tests/test_realtime_service.py's fixture)."""
-    import torch
-
-    from mindeye.config import load_config
-    from mindeye.models import build_model, save_calibration, save_checkpoint
-    from mindeye.nsd import NSDLayout, read_roi
-    from mindeye.targets import build_target_cache
-
-    n_voxels = read_roi(NSDLayout(root).roi(SUBJECT)).n_voxels
-    targets = build_target_cache(load_config("realtime", [f"data.root={root}"]).data)
-    (clip_tokens, clip_dim), (channels, size, _) = targets.token_shape, targets.low_level_shape
-    torch.manual_seed(0)
-    model = build_model("tiny", voxels_per_subject={"subj01": n_voxels}, clip_tokens=clip_tokens, clip_dim=clip_dim,
-                        low_level={"latent_channels": channels, "latent_size": size})
-    path = save_checkpoint(model, directory)
-    rng = np.random.default_rng(0)
-    save_calibration(path, {"subj01": (rng.normal(0, 0.1, n_voxels).astype(np.float32),
-                                       rng.uniform(1, 2, n_voxels).astype(np.float32))})
-    return path
 
 
 # ---- the sender, a process of its own (so that it can be killed too) ------------------------------------
@@ -398,7 +376,7 @@ def main() -> None:
                            session=args.session, volumes=args.volumes, seed=args.seed, prior_steps=args.prior_steps,
                            fsync=args.fsync)
         if args.source == "world":
-            world_checkpoint(spec.data_root, work_dir / "checkpoint")
+            untrained_checkpoint(spec.data_root, work_dir / "checkpoint")
         else:
             roi = make_roi(work_dir)
             make_checkpoint(work_dir / "checkpoint", roi.n_voxels)

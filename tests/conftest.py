@@ -32,6 +32,14 @@ def tiny_world(tmp_path_factory):
     return root, summary, cfg
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tiny_world, tmp_path_factory):
+    """An untrained tiny model for the tiny world's subject 1: for tests of the path, not of decoding."""
+    from simulators.world.untrained import untrained_checkpoint
+
+    return untrained_checkpoint(tiny_world[0], tmp_path_factory.mktemp("ckpt") / "checkpoint")
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch's intra-op threads set to `n` inside the block."""

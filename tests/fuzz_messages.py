@@ -593,29 +593,6 @@ def random_messages(seed: int, n: int, world: World | None = None, **options) ->
 SUBJECT, SESSION, RUN = 1, 5, 1  # the clean run: as tests/test_realtime_service.py replays it
 
 
-def untrained_checkpoint(root: Path, out_dir: Path) -> Path:
-    """The tiny model, untrained, sized to the world's subj01 ROI, with a calibration (decoding
-    quality is not the point; the path is)."""
-    import torch
-
-    from mindeye.config import load_config
-    from mindeye.models import build_model, save_calibration, save_checkpoint
-    from mindeye.nsd import NSDLayout, read_roi
-    from mindeye.targets import build_target_cache
-
-    n_voxels = read_roi(NSDLayout(root).roi(SUBJECT)).n_voxels
-    targets = build_target_cache(load_config("realtime", [f"data.root={root}"]).data)
-    (clip_tokens, clip_dim), (channels, size, _) = targets.token_shape, targets.low_level_shape
-    torch.manual_seed(0)
-    model = build_model("tiny", voxels_per_subject={"subj01": n_voxels}, clip_tokens=clip_tokens, clip_dim=clip_dim,
-                        low_level={"latent_channels": channels, "latent_size": size})
-    path = save_checkpoint(model, Path(out_dir) / "checkpoint")
-    rng = np.random.default_rng(0)
-    save_calibration(path, {"subj01": (rng.normal(0, 0.1, n_voxels).astype(np.float32),
-                                       rng.uniform(1, 2, n_voxels).astype(np.float32))})
-    return path
-
-
 def _serve(root: str, checkpoint: str, out_dir: str) -> None:
     """The child: the service in a thread, built as RunningService builds it; prints its endpoints,
     then on "stop" (or stdin closed) what became of its threads."""

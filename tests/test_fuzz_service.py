@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import fuzz_messages as fm
 from mindeye.protocol import Ack, Message, ProtocolError, Stamper, Verdict, decode, encode
+from simulators.world.untrained import untrained_checkpoint
 from test_realtime_service import expected_betas
 
 # hypothesis caches what it learns under .hypothesis/ in the working directory: not in the repository
@@ -130,7 +131,7 @@ def _decoded(item: fm.Fuzz) -> Message | None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_world, tmp_path_factory):
-    return fm.untrained_checkpoint(tiny_world[0], tmp_path_factory.mktemp("fuzz-checkpoint"))
+    return untrained_checkpoint(tiny_world[0], tmp_path_factory.mktemp("fuzz-checkpoint") / "checkpoint")
 
 
 def fuzz_and_check(root, checkpoint, out_dir, *, messages: int, seconds: float) -> None:

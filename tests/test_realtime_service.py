@@ -20,15 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zmq
 
 from mindeye.config import load_config
 from mindeye.journal import read_journal
-from mindeye.models import build_model, save_calibration, save_checkpoint
 from mindeye.nsd import NSDLayout, read_design, read_roi, read_timeseries
 from mindeye.protocol import CurveClient, CurveServer, ProtocolError, Volume, create_keypair
-from mindeye.targets import build_target_cache
 from realtime.backends import TorchBackend
 from realtime.cli import build_service
 from realtime.glm import IncrementalGLM, OnlineGLMSettings
@@ -39,22 +36,6 @@ from simulators.replay.sender import replay
 from simulators.replay.sources import NSDSource, design_events
 
 SUBJECT, SESSION = 1, 5
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_world, tmp_path_factory):
-    root = tiny_world[0]
-    n_voxels = read_roi(NSDLayout(root).roi(SUBJECT)).n_voxels
-    targets = build_target_cache(load_config("realtime", [f"data.root={root}"]).data)  # shapes as training has them
-    (clip_tokens, clip_dim), (channels, size, _) = targets.token_shape, targets.low_level_shape
-    torch.manual_seed(0)
-    model = build_model("tiny", voxels_per_subject={"subj01": n_voxels}, clip_tokens=clip_tokens, clip_dim=clip_dim,
-                        low_level={"latent_channels": channels, "latent_size": size})
-    path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "checkpoint")
-    rng = np.random.default_rng(0)
-    save_calibration(path, {"subj01": (rng.normal(0, 0.1, n_voxels).astype(np.float32),
-                                       rng.uniform(1, 2, n_voxels).astype(np.float32))})
-    return path
 
 
 def expected_betas(root: Path, run: int) -> dict[int, np.ndarray]:
@@ -368,16 +349,21 @@ def test_a_busy_viewer_port_ends_the_service_with_one_line_naming_viewer_port(ti
         f"mindeye command, listens there): stop it or choose another port, e.g. viewer.port={port + 1}")
 
 
-def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_path):
-    """mindeye-demo with a model already trained (it reuses one): service, viewer, replay, report."""
-    root = tiny_world[0]
+def demo_command(root: Path, checkpoint: Path, tmp_path: Path, *overrides: str) -> tuple[list[str], int]:
+    """mindeye-demo reusing `checkpoint`, on free ports; and its viewer's port."""
     model_dir = tmp_path / "model"
     shutil.copytree(checkpoint, model_dir / "checkpoint")
     volumes, results_port, viewer = free_ports(3)
-    command = [sys.executable, "-m", "simulators.demo", f"out_dir={root}", f"train.out_dir={model_dir}", "runs=[1]",
-               "speed=max", "progress=false", f"service.out_dir={tmp_path / 'live'}",
-               f"service.volumes=tcp://127.0.0.1:{volumes}", f"service.results=tcp://127.0.0.1:{results_port}",
-               f"service.viewer_port={viewer}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    return [sys.executable, "-m", "simulators.demo", f"out_dir={root}", f"train.out_dir={model_dir}", "runs=[1]",
+            "speed=max", "progress=false", f"service.out_dir={tmp_path / 'live'}",
+            f"service.volumes=tcp://127.0.0.1:{volumes}", f"service.results=tcp://127.0.0.1:{results_port}",
+            f"service.viewer_port={viewer}", f"hydra.run.dir={tmp_path / 'hydra'}", *overrides], viewer
+
+
+def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_path):
+    """mindeye-demo with a model already trained (it reuses one): service, viewer, replay, report."""
+    root = tiny_world[0]
+    command, viewer = demo_command(root, checkpoint, tmp_path, "stay_up=false")
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -387,3 +373,38 @@ def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_pat
     assert decoded and int(decoded[2]) >= 1 and decoded[1] == decoded[2], done.stdout[-2000:]
     assert "acks    accepted 76" in done.stdout and "latency, last volume" in done.stdout
     assert (tmp_path / "live" / "latency.png").is_file()
+    # The candidates are the subject's images: every decoded trial's seen image is one, so every one counts.
+    top1 = re.search(r"top-1 retrieval among (\d+) candidate images: [\d.]+ % \((\d+) of (\d+) trials whose seen "
+                     r"image was a candidate\)", done.stdout)
+    assert top1 and top1[3] == decoded[2], done.stdout[-2000:]
+    for stage in ("world", "training", "live"):
+        assert re.search(rf"^stage {stage}: \d+\.\d s", done.stdout, re.MULTILINE), done.stdout[-2000:]
+    assert done.stdout.count(f"http://127.0.0.1:{viewer}/") >= 2  # announced, then up
+
+
+def test_the_demo_keeps_its_viewer_up_until_ctrl_c(tiny_world, checkpoint, tmp_path):
+    import urllib.request
+
+    root = tiny_world[0]
+    command, viewer = demo_command(root, checkpoint, tmp_path)  # stay_up: the default
+    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        lines = []
+        while not any("Ctrl-C stops" in line for line in lines):
+            line = demo.stdout.readline()
+            assert line, f"the demo ended without waiting: {''.join(lines)[-2000:]}{demo.stderr.read()[-2000:]}"
+            lines.append(line)
+        assert any(line.startswith("live: ") for line in lines)  # the final figures come before the wait
+        time.sleep(1.0)
+        assert demo.poll() is None  # still up after the replay
+        with urllib.request.urlopen(f"http://127.0.0.1:{viewer}/results.json", timeout=10) as response:
+            listing = json.loads(response.read())
+        assert len(listing["results"]) == n_trials(root, 1)
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 0, err[-3000:]
+    assert "files: " in out and (tmp_path / "live" / "latency.png").is_file()  # the service stopped cleanly

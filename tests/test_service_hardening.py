@@ -23,8 +23,8 @@ from mindeye.protocol.messages import MAX_FRAME_BYTES
 from mindeye.protocol.transport import is_loopback
 from simulators.replay.sender import replay
 from simulators.replay.sources import NSDSource
-from test_realtime_service import (SESSION, SUBJECT, RunningService, betas_of_run, checkpoint,  # noqa: F401
-                                   expected_betas, n_trials, results, wait_for_results)
+from test_realtime_service import (SESSION, SUBJECT, RunningService, betas_of_run, expected_betas, n_trials, results,
+                                   wait_for_results)
 
 
 @pytest.mark.parametrize("endpoint, loopback", [
