@@ -26,7 +26,7 @@ which z-scores them with the checkpoint's calibration statistics, as live.
     .venv/bin/python benchmarks/live_vs_offline_decoding.py --speed 8 --checkpoint runs/demo/tiny-subj1-e100-lr0.001/checkpoint
 
 Without --checkpoint the model is trained first (skipped when <out>/train holds one), with
-    .venv/bin/python -m offline_training.train mode=scratch subjects=[1] train_sessions=[1,2,3,4] \\
+    .venv/bin/mindeye-train mode=scratch subjects=[1] train_sessions=[1,2,3,4] \\
         out_dir=<out>/train progress=false cpu=true train.epochs=100 train.lr=1e-3
 (the model mindeye-demo trains).
 """

@@ -161,7 +161,7 @@ def check_overrides(config_name: str, arguments: list[str]) -> str | None:
     overrides = [a for a in arguments if not a.startswith(("-", "+", "~", "hydra.", "hydra/"))]
     if not overrides or not all(_OVERRIDE.match(a) for a in overrides):
         return None  # flags (--help, --cfg) and hydra's own syntax are hydra's business
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf import OmegaConf
 
     from mindeye.config import load_config
@@ -171,6 +171,8 @@ def check_overrides(config_name: str, arguments: list[str]) -> str | None:
         return None
     except MissingConfigException as error:
         return _unknown_choice(str(error))
+    except OverrideParseException as error:  # e.g. `key=<x>`: hydra's grammar, said in one line, not a traceback
+        return f"cannot parse '{error.override}' as key=value"
     except ConfigCompositionException as error:
         cause = str(error.__cause__ or error)
         unknown = re.search(r"Key '([^']+)' is not in struct", cause) or re.search(

@@ -1,7 +1,7 @@
 """mindeye-train: MindEye2 shared-subject pretraining, one-session fine-tuning and training from scratch.
 
-    python -m offline_training.train                                        # pretrain subjects 1-7 (tiny world)
-    python -m offline_training.train mode=finetune subjects=[8] train_sessions=[1] init_from=<run>/checkpoint
+    mindeye-train                                                           # pretrain subjects 1-7 (tiny world)
+    mindeye-train mode=finetune subjects=[8] train_sessions=[1] init_from=<run>/checkpoint
     accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml -m offline_training.train ...
 
 The command only: the training itself is offline_training/trainer.py, imported when the command runs so

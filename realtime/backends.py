@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from mindeye.errors import ConfigValueError, MissingFileError
 from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline, Refinement, reconstruct, refine
 from mindeye.models import MindEye2, load_calibration, load_checkpoint
 from mindeye.models.prior import check_sampler
@@ -99,14 +100,48 @@ class RetrievalBank:
         return cls(image_ids, tokens_nld)
 
 
-def candidate_image_ids(data_root: str | Path, which: str) -> np.ndarray:
-    """int64 image ids a live run may see: "shared" (the design's shared images) or "all" (the stimulus brick)."""
+CANDIDATE_CHOICES = ("shared", "subjects", "all")
+
+
+def candidate_image_ids(data_root: str | Path, which, subjects: list[str] | None = None) -> np.ndarray:
+    """int64 image ids a live run's retrieval ranks. `which`: "shared" (the design's shared images),
+    "subjects" (every image the design shows `subjects`, e.g. ["subj01"]: a replayed session's seen
+    image is then always a candidate), "all" (the stimulus brick), a list of ids (a real visit's
+    stimulus set), or the path of a text file of ids (whitespace-separated; '#' starts a comment)."""
     layout = NSDLayout(Path(data_root))
+    if not isinstance(which, str):
+        return _image_ids(list(which), "decode.candidates")
     if which == "shared":
         return ExpDesign.read(layout.expdesign()).shared_images.astype(np.int64)
+    if which == "subjects":
+        if not subjects:
+            raise ConfigValueError("candidates 'subjects' needs the served subjects (e.g. ['subj01'])")
+        design = ExpDesign.read(layout.expdesign())
+        rows = [int(subject.removeprefix("subj")) - 1 for subject in subjects]
+        if not all(0 <= row < design.n_subjects for row in rows):
+            raise ConfigValueError(f"candidates 'subjects': the design has subjects 1..{design.n_subjects}, "
+                                   f"got {subjects}")
+        return np.unique(design.subject_images[rows]).astype(np.int64)
     if which == "all":
         return np.arange(len(StimulusBrick(layout.stimuli())), dtype=np.int64)
-    raise ValueError(f"candidate images must be 'shared' or 'all', got {which!r}")
+    path = Path(which)
+    if path.suffix or path.exists():  # a file of ids, by its look: a bare word is a misspelt choice
+        if not path.is_file():
+            raise MissingFileError(path, "file of candidate image ids")
+        words = [line.split("#", 1)[0] for line in path.read_text().splitlines()]
+        return _image_ids(" ".join(words).split(), path)
+    raise ConfigValueError(f"candidate images must be one of {', '.join(CANDIDATE_CHOICES)}, a list of image ids "
+                           f"or a file of them, got {which!r}")
+
+
+def _image_ids(values: list, where) -> np.ndarray:
+    try:
+        ids = np.array([int(value) for value in values], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ConfigValueError(f"{where}: candidate image ids must be integers, got {values[:5]}...") from None
+    if not len(ids) or (ids < 0).any():
+        raise ConfigValueError(f"{where}: candidate image ids must be a non-empty list of ids >= 0")
+    return np.unique(ids)
 
 
 def noise_seed(seed: int, subject: str, betas_bv: np.ndarray) -> int:

@@ -41,7 +41,7 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     subjects = list(cfg.subjects or model_config.subjects)
     stimuli = StimulusBrick(NSDLayout(root).stimuli())
     targets = build_target_cache(cfg.data)
-    bank = RetrievalBank.from_targets(targets, candidate_image_ids(root, cfg.decode.candidates))
+    bank = RetrievalBank.from_targets(targets, candidate_image_ids(root, cfg.decode.candidates, subjects))
     torch.set_num_threads(cfg.decode.torch_threads)
     generator = load_generator(cfg)
     backend = TorchBackend.from_checkpoint(checkpoint, bank=bank, codec=build_latent_codec(dict(cfg.data.low_level)),
@@ -58,8 +58,7 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     if cfg.viewer.enabled:
         from realtime.viewer import LiveViewer
 
-        viewer = LiveViewer(cfg.viewer.host, cfg.viewer.port, stimuli=stimuli,
-                            candidates=bank.image_ids)
+        viewer = LiveViewer(cfg.viewer.host, cfg.viewer.port, stimuli=stimuli)
     curve = None
     if cfg.curve.secret_key_file or cfg.curve.allowed_clients_dir:
         if not (cfg.curve.secret_key_file and cfg.curve.allowed_clients_dir):

@@ -82,6 +82,10 @@ class DecodeWorker:
         self.backend, self.publisher, self.sinks = backend, publisher, sinks
         self.max_pending, self.max_batch, self.late_after_ms = max_pending, max_batch, late_after_ms
         self.stamper = Stamper()
+        # The bank's image ids tell viewers whether a trial's seen image could be retrieved at all
+        # (realtime.hits); a backend without a bank, or a test double, has none.
+        bank = getattr(backend, "bank", None)
+        self.candidates = None if bank is None else frozenset(int(i) for i in bank.image_ids)
         self.counters = {"decoded": 0, "skipped": 0, "unestimable": 0, "batches": 0, "published": 0}
         self._hold_until_s = time.monotonic() + hold_for_subscriber_s if hold_for_subscriber_s > 0 else None
         self._held: list[tuple[Result, int]] = []  # results waiting for a subscriber, in order
@@ -193,9 +197,11 @@ class DecodeWorker:
             timings["end_to_end"] = (now_s - job.arrival.at_s) * 1000
             if self.late_after_ms is not None and timings["end_to_end"] > self.late_after_ms:
                 flags.append("late")
+        is_candidate = (None if outputs is None or job.image_id is None or self.candidates is None
+                        else job.image_id in self.candidates)
         result = Result(job.session, job.run, job.trial, job.image_id, job.volume_index, embedding_norm, top_k,
                         {stage: round(ms, 4) for stage, ms in timings.items()}, tuple(flags), self.stamper.envelope(),
-                        image_png=image_png, lowlevel_png=lowlevel_png)
+                        image_png=image_png, lowlevel_png=lowlevel_png, image_is_candidate=is_candidate)
         self._held.append((result, batch_size))
         self._release_if_subscribed()
 

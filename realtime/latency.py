@@ -9,6 +9,10 @@ Statistics cover decoded, non-recovered results only: a skipped trial ran only p
 pipeline, and a recovered one was re-published from the journal after a restart, so its
 end-to-end time measures the outage, not the service. Both are still counted.
 
+The `hit` column is realtime.hits's top-1 verdict: 1 or 0 only for a decoded trial whose seen image
+was a candidate, empty otherwise. A latency.csv written before that definition filled it for every
+decoded trial with a known image; its hit rate is not comparable.
+
     mindeye-latency-report runs/subj01-nsd01/latency.csv   # or the folder holding it
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 from mindeye.cli import plain_command
 from mindeye.errors import FormatError, MissingFileError
 from mindeye.protocol import TIMING_STAGES, Result
+from realtime.hits import Top1Tally, result_hit
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +78,11 @@ class LatencyLog:
                         sorted(unknown))
             self._unknown_stages |= unknown
         top1 = result.top_k[0].image_id if result.top_k else None
-        hit = "" if top1 is None or result.image_id is None else int(top1 == result.image_id)
+        hit = result_hit(result)  # empty unless the seen image was a candidate (realtime.hits)
         stage_cells = [_cell(result.timings_ms.get(stage), "{:.4f}") for stage in TIMING_STAGES]
         self._write([result.session, result.run, result.trial, _cell(result.image_id), result.volume_index,
                      f"{published_unix_s:.6f}", _cell(batch_size), FLAG_SEPARATOR.join(result.flags),
-                     *stage_cells, _cell(top1), hit])
+                     *stage_cells, _cell(top1), _cell(None if hit is None else int(hit))])
 
     def close(self) -> None:
         self._file.close()
@@ -214,13 +219,15 @@ class LatencyReport:
     n_late: int
     n_recovered: int
     stages: dict[str, dict[str, float]]  # stage -> {"n", "mean", "p50", "p90", "p95", "p99", "max"}, stage order
-    top1_hit_rate: float | None  # over results with both image_id and a top-1
+    top1_hits: int
+    top1_countable: int  # decoded results whose seen image was a candidate (realtime.hits)
+    top1_hit_rate: float | None  # top1_hits / top1_countable
 
     def format(self) -> str:
         """A table for the terminal."""
-        hit_rate = "n/a" if self.top1_hit_rate is None else f"{100 * self.top1_hit_rate:.1f} %"
+        tally = Top1Tally(self.top1_hits, self.top1_countable, self.n_results)
         lines = [f"{self.n_results} results: {self.n_decoded} decoded, {self.n_skipped} skipped, "
-                 f"{self.n_late} late, {self.n_recovered} recovered; top-1 hit rate {hit_rate}",
+                 f"{self.n_late} late, {self.n_recovered} recovered; top-1 hit rate {tally.format()}",
                  "stage statistics over decoded, non-recovered results, in ms:"]
         statistics = ["mean", *(f"p{q}" for q in PERCENTILES), "max"]
         lines.append(f"{'stage':<12}{'n':>6}" + "".join(f"{name:>10}" for name in statistics))
@@ -248,7 +255,9 @@ def summarize(rows: list[dict]) -> LatencyReport:
         stages[stage] = {"n": int(values_ms.size), "mean": float(values_ms.mean()),
                          **{f"p{q}": float(p) for q, p in zip(PERCENTILES, percentiles)},
                          "max": float(values_ms.max())}
-    hits = [row["hit"] for row in rows if row["hit"] is not None]
+    tally = Top1Tally()
+    for row in rows:
+        tally.add(row["hit"])  # the log wrote it with realtime.hits; empty: not countable
     return LatencyReport(
         n_results=len(rows),
         n_decoded=sum("skipped" not in row["flags"] for row in rows),
@@ -256,7 +265,7 @@ def summarize(rows: list[dict]) -> LatencyReport:
         n_late=sum("late" in row["flags"] for row in rows),
         n_recovered=sum("recovered" in row["flags"] for row in rows),
         stages=stages,
-        top1_hit_rate=sum(hits) / len(hits) if hits else None)
+        top1_hits=tally.hits, top1_countable=tally.countable, top1_hit_rate=tally.rate)
 
 
 def write_report(path_csv: str | Path, out_dir: str | Path | None = None) -> LatencyReport:

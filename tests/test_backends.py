@@ -181,6 +181,24 @@ def test_bad_input_is_named(checkpoint, bank, tmp_path):
         TorchBackend.from_checkpoint(tmp_path / "nothing_here")
 
 
+def test_candidates_can_be_every_image_of_the_served_subjects_or_a_stimulus_set(tiny_world, tmp_path):
+    root, _, _ = tiny_world
+    design = ExpDesign.read(NSDLayout(root).expdesign())
+    subj01 = candidate_image_ids(root, "subjects", ["subj01"])
+    np.testing.assert_array_equal(subj01, np.unique(design.subject_images[0]))
+    assert np.isin(design.shared_images, subj01).all()  # a replayed session's seen image is always a candidate
+    both = candidate_image_ids(root, "subjects", ["subj01", "subj02"])
+    np.testing.assert_array_equal(both, np.union1d(design.subject_images[0], design.subject_images[1]))
+    np.testing.assert_array_equal(candidate_image_ids(root, [5, 3, 5]), [3, 5])  # a visit's stimulus set
+    ids_file = tmp_path / "visit_stimuli.txt"
+    ids_file.write_text("# stimuli of visit 1\n12 7\n3  # the catch image\n")
+    np.testing.assert_array_equal(candidate_image_ids(root, str(ids_file)), [3, 7, 12])
+    with pytest.raises(FileNotFoundError, match="file of candidate image ids"):
+        candidate_image_ids(root, str(tmp_path / "absent.txt"))
+    with pytest.raises(ValueError, match="served subjects"):
+        candidate_image_ids(root, "subjects")
+
+
 def test_candidate_ids_and_bank_from_the_world(tiny_world, tmp_path):
     root, _, _ = tiny_world
     shared = candidate_image_ids(root, "shared")
@@ -188,7 +206,7 @@ def test_candidate_ids_and_bank_from_the_world(tiny_world, tmp_path):
     everything = candidate_image_ids(root, "all")
     np.testing.assert_array_equal(everything, np.arange(len(StimulusBrick(NSDLayout(root).stimuli()))))
     assert np.isin(shared, everything).all() and len(shared) < len(everything)
-    with pytest.raises(ValueError, match="'shared' or 'all'"):
+    with pytest.raises(ValueError, match="one of shared, subjects, all, a list of image ids or a file"):
         candidate_image_ids(root, "test")
     data_cfg = OmegaConf.create({"root": str(root), "cache_dir": str(tmp_path), "clip": "world",
                                  "low_level": {"kind": "pixels", "latent_size": 16}})

@@ -99,6 +99,7 @@ def test_an_unknown_subject_names_the_subjects_the_model_knows(tmp_path):
     ("offline_training.train_generator", "mindeye-train-generator", "stepz=3", "unknown key 'stepz'; did you mean 'steps'?"),
     ("realtime.cli", "mindeye-realtime", "viewer.prot=8081", "unknown key 'viewer.prot'; did you mean 'viewer.port'?"),
     ("offline_training.evaluate", "mindeye-evaluate", "data=nds", "unknown data 'nds'; choose one of"),
+    ("offline_training.train", "mindeye-train", "init_from=<run>", "cannot parse 'init_from=<run>' as key=value"),
 ])
 def test_a_misspelt_key_gets_a_suggestion(tmp_path, module, app, argument, message):
     result = run(module, argument, f"out_dir={tmp_path / 'run'}")

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from mindeye.protocol import bound_endpoint, recv, result_publisher, result_subscriber
-from realtime.backends import DecodedBatch
+from realtime.backends import DecodedBatch, RetrievalBank
 from realtime.decoder import Arrival, DecodeWorker, TrialJob
 
 
@@ -115,3 +115,17 @@ def test_each_trial_goes_out_with_its_own_reconstruction_as_png(sockets, tmp_pat
         assert picture.shape == (6, 6, 3) and (picture == trial).all()
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["frames"] for r in records] == [["image_png", "lowlevel_png"]] * 3
+
+
+def test_a_result_says_whether_its_seen_image_was_a_candidate(sockets):
+    publisher, _ = sockets
+    backend, published = PictureBackend(), []
+    backend.bank = RetrievalBank(np.array([7, 8]), np.ones((2, 1, 2)))  # the worker reads the bank's ids
+    worker = DecodeWorker(backend, publisher, sinks=[lambda result, t, b: published.append(result)])
+    worker.start()
+    for trial, image_id in ((0, 7), (1, 9), (2, None)):
+        worker.submit(TrialJob("s1", "subj01", 1, trial, image_id, 10 + trial, np.full(3, 1.0), None,
+                               Arrival(0.0, 0.1, 0.2), glm_ms=0.5))
+    worker.submit(job(3, betas=False))  # not decoded
+    worker.stop()
+    assert [r.image_is_candidate for r in sorted(published, key=lambda r: r.trial)] == [True, False, None, None]

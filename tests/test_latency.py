@@ -21,7 +21,7 @@ PUBLISHED_S = 1.7e9
 
 
 def _result(trial: int, end_to_end_ms: float | None, *, flags: tuple[str, ...] = (), image_id: int | None = 7,
-            top1: int | None = 7, run: int = 1, **stages_ms: float) -> Result:
+            top1: int | None = 7, run: int = 1, candidate: bool | None = True, **stages_ms: float) -> Result:
     """A result whose timings are `stages_ms` plus end_to_end; decoded ones get decode and generate times."""
     timings_ms = dict(stages_ms)
     if "skipped" not in flags:
@@ -29,8 +29,10 @@ def _result(trial: int, end_to_end_ms: float | None, *, flags: tuple[str, ...] =
     if end_to_end_ms is not None:
         timings_ms["end_to_end"] = end_to_end_ms
     top_k = () if top1 is None or "skipped" in flags else (Retrieval(top1, 0.5), Retrieval(top1 + 1, 0.4))
+    decoded_seen = "skipped" not in flags and image_id is not None
     return Result("subj01-nsd01", run, trial, image_id, 3 * trial + 5, None if "skipped" in flags else 30.0, top_k,
-                  timings_ms, flags, envelope=Envelope("test", trial, 0.0))
+                  timings_ms, flags, envelope=Envelope("test", trial, 0.0),
+                  image_is_candidate=candidate if decoded_seen else None)
 
 
 def _write(path: Path, results: list[Result]) -> None:
@@ -79,18 +81,22 @@ def test_absent_stages_and_hits(tmp_path):
                _result(1, 20.0, image_id=8, top1=3),
                _result(2, 30.0, image_id=None, top1=3, queue=7.0),  # image unknown: no hit either way
                _result(3, 40.0, image_id=9, top1=9),
-               _result(4, None, flags=("skipped",), image_id=9)]  # no top-1
+               _result(4, None, flags=("skipped",), image_id=9),  # no top-1
+               _result(5, 50.0, image_id=11, top1=3, candidate=False),  # not a candidate: could not be hit
+               _result(6, 60.0, image_id=12, top1=12, candidate=None)]  # an older service: unknown
     _write(tmp_path / "latency.csv", results)
 
     rows = read_latency_csv(tmp_path / "latency.csv")
     report = summarize(rows)
 
-    assert [row["hit"] for row in rows] == [True, False, None, True, None]
-    assert [row["queue"] for row in rows] == [5.0, None, 7.0, None, None]
+    assert [row["hit"] for row in rows] == [True, False, None, True, None, None, None]
+    assert (report.top1_hits, report.top1_countable) == (2, 3)
+    assert "top-1 hit rate 66.7 % (2 of 3 trials whose seen image was a candidate)" in report.format()
+    assert [row["queue"] for row in rows] == [5.0, None, 7.0, None, None, None, None]
     assert rows[4]["top1_image_id"] is None and rows[4]["flags"] == ("skipped",) and rows[4]["end_to_end"] is None
     assert report.top1_hit_rate == pytest.approx(2 / 3)
     assert report.stages["queue"]["n"] == 2 and report.stages["queue"]["mean"] == pytest.approx(6.0)
-    assert report.stages["end_to_end"]["n"] == 4
+    assert report.stages["end_to_end"]["n"] == 6
     assert summarize([]) == summarize(rows[:0])
     assert summarize([]).top1_hit_rate is None and summarize([]).stages == {}
 

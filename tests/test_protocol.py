@@ -49,7 +49,7 @@ def _result(trial: int = 3, with_images: bool = True) -> Result:
                   timings_ms={"receive": 0.2, "glm": 3.1, "decode": 4.0, "generate": 80.5, "end_to_end": 95.0},
                   flags=("late",), envelope=_envelope(trial),
                   image_png=_png((200, 30, 30)) if with_images else None,
-                  lowlevel_png=_png((90, 90, 90)) if with_images else None)
+                  lowlevel_png=_png((90, 90, 90)) if with_images else None, image_is_candidate=True)
 
 
 MESSAGES = {
@@ -123,6 +123,19 @@ def test_minor_versions_and_unknown_fields_are_accepted_major_versions_are_not()
     with pytest.raises(ProtocolError, match="2.0") as error:
         decode([json.dumps(header).encode(), frames[1]])
     assert error.value.code == Reason.UNSUPPORTED_VERSION
+
+
+def test_image_is_candidate_is_optional_and_a_boolean():
+    frames = encode(_result(with_images=False))
+    header = json.loads(frames[0])
+    assert header["image_is_candidate"] is True and decode(frames).image_is_candidate is True
+    del header["image_is_candidate"]  # a 1.1 (or early 1.2) service: unknown
+    assert decode([json.dumps(header).encode()]).image_is_candidate is None
+    for bad in (1, "yes"):
+        header["image_is_candidate"] = bad
+        with pytest.raises(ProtocolError, match="image_is_candidate") as error:
+            decode([json.dumps(header).encode()])
+        assert error.value.code == Reason.WRONG_TYPE
 
 
 def _set(path, value):

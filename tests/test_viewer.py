@@ -41,16 +41,19 @@ def png_bytes(rgb: tuple[int, int, int], size: int = 32) -> bytes:
 
 
 def make_result(trial: int, *, image_id: int | None, top_ids: tuple[int, ...] = (), flags: tuple[str, ...] = (),
-                lowlevel: bool = False, end_to_end_ms: float = 100.0, session: str = "subj01-nsd01") -> Result:
+                lowlevel: bool = False, end_to_end_ms: float = 100.0, session: str = "subj01-nsd01", run: int = 1,
+                candidate: bool | None = True) -> Result:
+    """`candidate`: the service's image_is_candidate for a decoded trial with a known image (else null)."""
     skipped = "skipped" in flags
     scores = np.linspace(0.5, 0.2, len(top_ids)) if top_ids else []
-    return Result(session=session, run=1, trial=trial, image_id=image_id, volume_index=10 + 3 * trial,
+    return Result(session=session, run=run, trial=trial, image_id=image_id, volume_index=10 + 3 * trial,
                   embedding_norm=None if skipped else 30.0,
                   top_k=tuple(Retrieval(i, float(s)) for i, s in zip(top_ids, scores)),
                   timings_ms={**STAGES_MS, "end_to_end": end_to_end_ms}, flags=flags,
                   envelope=Envelope("0123456789abcdef", trial, 1.7e9 + trial),
                   image_png=None if skipped else png_bytes((255, 40 * trial % 256, 80)),
-                  lowlevel_png=png_bytes((60, 60, 255)) if lowlevel and not skipped else None)
+                  lowlevel_png=png_bytes((60, 60, 255)) if lowlevel and not skipped else None,
+                  image_is_candidate=None if skipped or image_id is None else candidate)
 
 
 @pytest.fixture
@@ -170,7 +173,7 @@ def test_page_renders_history_in_chromium(viewer):
     assert stage_rects == ["0"] * 7 + ["2"] * 7 + ["3"] * 7  # one stacked segment per stage
     assert "latency (ms)" in [e["text"][0] for e in dom.select("text", "axis-label")]
     assert dom.text("stat-trials") == "4" and dom.text("stat-skipped") == "1" and dom.text("stat-late") == "1"
-    assert dom.text("stat-top1") == "50% (1/2)"  # decoded trials with a known image: 0 (hit) and 2 (miss)
+    assert dom.text("stat-top1") == "50.0 % (1 of 2)"  # decoded trials with a known image: 0 (hit) and 2 (miss)
     assert dom.text("stat-p50") == "110 ms"  # decoded end-to-end: 95, 110, 180
     status = dom.text("status")
     assert "volumes accepted" in status and "42" in status and "queue length" in status
@@ -214,7 +217,7 @@ def test_result_shown_after_connecting_arrives_live(viewer):
     assert live["top_k"] == [{"image_id": 3, "score": 0.5}, {"image_id": 4, "score": 0.2}]
     assert live["image_url"] == "/result/1/image.png" and live["lowlevel_url"] is None
     name, summary = next_event(response)
-    assert (name, summary["trials"], summary["late"], summary["top1_hits"], summary["top1_known"]) == \
+    assert (name, summary["trials"], summary["late"], summary["top1_hits"], summary["top1_countable"]) == \
         ("summary", 2, 1, 1, 2)
     viewer.set_status({"queue_length": 5})
     assert next_event(response) == ("status", {"queue_length": 5})
@@ -312,28 +315,60 @@ def test_summary_counts_decoded_trials_and_restarts_with_a_session(viewer):
         viewer.show(make_result(trial, image_id=trial, top_ids=(trial if trial % 2 else 5, 5), end_to_end_ms=ms))
     viewer.show(make_result(9, image_id=9, flags=("skipped",), end_to_end_ms=1.0))
     summary = json.loads(get(f"{viewer.url}results.json")[1])["summary"]
-    assert (summary["trials"], summary["skipped"], summary["top1_known"], summary["top1_hits"]) == (6, 1, 5, 2)
+    assert (summary["trials"], summary["skipped"], summary["top1_countable"], summary["top1_hits"]) == (6, 1, 5, 2)
     assert summary["top1_rate"] == pytest.approx(0.4)
     assert summary["end_to_end_p50_ms"] == pytest.approx(np.percentile(e2e_ms, 50))  # the skipped 1 ms is out
     assert summary["end_to_end_p95_ms"] == pytest.approx(np.percentile(e2e_ms, 95))
 
     viewer.show(make_result(0, image_id=None, session="subj02-nsd01"))
     summary = json.loads(get(f"{viewer.url}results.json")[1])["summary"]
-    assert (summary["session"], summary["trials"], summary["top1_known"]) == ("subj02-nsd01", 1, 0)
+    assert (summary["session"], summary["trials"], summary["top1_countable"]) == ("subj02-nsd01", 1, 0)
     assert summary["top1_rate"] is None
 
 
-def test_hit_rate_counts_only_trials_whose_seen_image_is_a_candidate(brick):
-    viewer = LiveViewer("127.0.0.1", 0, stimuli=brick, candidates=[1, 2, 3])
-    viewer.start()
-    try:
-        viewer.show(make_result(0, image_id=1, top_ids=(1, 2)))  # a candidate, hit
-        viewer.show(make_result(1, image_id=2, top_ids=(3, 2)))  # a candidate, missed
-        viewer.show(make_result(2, image_id=7, top_ids=(1, 2)))  # not a candidate: cannot be hit, not counted
-        summary = json.loads(get(f"{viewer.url}results.json")[1])["summary"]
-    finally:
-        viewer.stop()
-    assert (summary["trials"], summary["top1_known"], summary["top1_hits"]) == (3, 2, 1)
+def test_hit_rate_counts_only_trials_whose_seen_image_is_a_candidate(viewer):
+    viewer.show(make_result(0, image_id=1, top_ids=(1, 2)))  # a candidate, hit
+    viewer.show(make_result(1, image_id=2, top_ids=(3, 2)))  # a candidate, missed
+    viewer.show(make_result(2, image_id=7, top_ids=(1, 2), candidate=False))  # cannot be hit: not counted
+    viewer.show(make_result(3, image_id=4, top_ids=(4, 2), candidate=None))  # an older service: unknown
+    listing = json.loads(get(f"{viewer.url}results.json")[1])
+    summary = listing["summary"]
+    assert (summary["trials"], summary["top1_countable"], summary["top1_hits"]) == (4, 2, 1)
+    assert summary["top1_text"] == "50.0 % (1 of 2 trials whose seen image was a candidate)"
+    # The page gets each trial's verdict from the server (realtime.hits), not a rule of its own.
+    assert [(r["top1_hit"], r["image_is_candidate"]) for r in listing["results"]] == \
+        [(True, True), (False, True), (None, False), (None, None)]
+
+
+def test_page_explains_scores_runs_and_candidates_in_chromium(viewer):
+    from realtime.viewer.headless import HeadlessChromium
+
+    chromium = require_chromium()
+    viewer.show(make_result(0, image_id=2, top_ids=(2, 4), run=1))
+    viewer.show(make_result(1, image_id=5, top_ids=(4, 2), run=1, candidate=False))  # its top-k cannot be right
+    viewer.show(make_result(0, image_id=3, top_ids=(3, 1), run=2))  # trial numbers restart with the run
+    viewer.set_status({"decode_pending": 0, "acks": 12})
+
+    with HeadlessChromium(chromium, window=(1400, 2000)) as browser:
+        browser.open(viewer.url)
+        browser.wait_for("document.querySelectorAll('article.card').length === 3 "
+                         "&& document.querySelectorAll('#latency-plot g.bar').length === 3 "
+                         "&& document.getElementById('status').textContent.includes('12')")
+        folded = browser.wait_for("document.querySelector('details#details > #status') !== null "
+                                  "&& [document.getElementById('details').open]")
+        dom = Dom(browser.dom())
+
+    assert folded == [False]  # the service's counters sit in a closed <details>, out of the researcher's way
+    warnings = [(e["trial"], "".join(e["text"])) for e in dom.select("p", "not-candidate")]
+    assert len(warnings) == 1 and warnings[0][0] == "1" and "not among the retrieval candidates" in warnings[0][1]
+    assert "cosine similarity of the predicted CLIP embedding" in "".join(dom.select("div", "topk-head")[0]["text"])
+    page_text = "".join(t for e in dom.elements for t in e["text"])
+    assert "|emb|" not in page_text and "length of the predicted CLIP embedding 30.0" in page_text
+    # One separator where run 2 starts; each run labelled.
+    assert len(dom.select("line", "run-sep")) == 1
+    assert [e["attrs"]["data-run"] for e in dom.select("text", "run-label")] == ["1", "2"]
+    assert "acks" in dom.text("status")
+    assert "among trials whose seen image was a candidate" in page_text
 
 
 # ---- standalone mode ------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ of its training subject list), `backbone.*` (`BrainNetwork`) and `diffusion_prio
   every prior weight except the null image embedding -> prior, one to one.
 - mixer_blocks2: with a length-1 sequence each block only adds a constant C_k to every feature,
   so sum(C_k) is folded into the biases of the token linear and of blin1.
-- mixer_blocks1: their output is discarded by the official forward (the defect in REFERENCE.md;
-  their gradient is zero up to float rounding), so they are not imported; our residual blocks
+- mixer_blocks1: their output is discarded by the official forward (the LayerNorm over a length-1
+  axis in mixer_blocks2 returns only its bias; their gradient is zero up to float rounding), so they are not imported; our residual blocks
   start as the identity (output layer zeroed).
 Together the imported model computes what the official model computed (eval mode), and its
 residual blocks can then be trained. Everything else is listed in the report with the reason.

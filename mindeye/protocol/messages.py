@@ -467,12 +467,16 @@ class Result:
     envelope: Envelope
     image_png: Buffer | None = None  # the reconstruction
     lowlevel_png: Buffer | None = None  # the low-level (blurry) image
+    # 1.2: whether image_id was among the retrieval candidates (only the service knows its bank); None when
+    # the image is unknown or the trial was not decoded. A result without the field reads as None.
+    image_is_candidate: bool | None = None
 
     def _header(self) -> tuple[dict, list[Buffer]]:
         attached = [(name, png) for name, png in (("image_png", self.image_png), ("lowlevel_png", self.lowlevel_png))
                     if png is not None]
         return {"session": self.session, "run": self.run, "trial": self.trial, "image_id": self.image_id,
-                "volume_index": self.volume_index, "embedding_norm": self.embedding_norm,
+                "image_is_candidate": self.image_is_candidate, "volume_index": self.volume_index,
+                "embedding_norm": self.embedding_norm,
                 "top_k": [{"image_id": r.image_id, "score": r.score} for r in self.top_k],
                 "timings_ms": self.timings_ms, "flags": list(self.flags),
                 "frames": [name for name, _ in attached]}, [png for _, png in attached]
@@ -495,13 +499,17 @@ class Result:
                                                   f"'lowlevel_png' in that order, got {frames!r:.80}")
         _frame_count(cls.TYPE, payload, len(frames))
         pngs = dict(zip(frames, payload))
+        is_candidate = f.obj.get("image_is_candidate")  # optional (1.2): older senders leave it out
+        f.expect("image_is_candidate", is_candidate, is_candidate is None or isinstance(is_candidate, bool),
+                 "true, false or null")
         for i, (name, png) in enumerate(pngs.items(), start=1):
             if bytes(png[:8]) != PNG_SIGNATURE:
                 raise ProtocolError(Reason.BAD_PNG, f"result: frame {i} ('{name}') does not start with the PNG "
                                                     f"signature")
         return cls(f.identifier("session"), f.run(), f.trial(), f.image_id(optional=True),
                    f.volume_index("volume_index"),
-                   f.number("embedding_norm", 0.0, optional=True), top_k, timings_ms, tuple(flags), envelope, **pngs)
+                   f.number("embedding_norm", 0.0, optional=True), top_k, timings_ms, tuple(flags), envelope, **pngs,
+                   image_is_candidate=is_candidate)
 
 
 class Verdict(StrEnum):

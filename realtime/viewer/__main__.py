@@ -16,9 +16,12 @@ from realtime.viewer.server import LiveViewer
 log = logging.getLogger("realtime.viewer")
 
 EPILOG = """\
-The page (http://HOST:PORT/) shows one card per decoded trial, newest first: the reconstruction and
-low-level image, the image actually seen (with --stimuli), the top-k candidates with the seen one
-marked, flags; session counts, top-1 hit rate, end-to-end latency p50/p95 and a per-stage latency plot.
+The page (http://HOST:PORT/) shows one card per decoded trial, newest first: the reconstruction (when the service
+runs a generator) and low-level image, the image actually seen (with --stimuli), the top-k candidates with the seen one
+marked (score: cosine similarity of the predicted CLIP embedding), flags, and a warning when the seen
+image is not a candidate; session counts, the top-1 hit rate among trials whose seen image was a
+candidate (the service says which: realtime/hits.py), end-to-end latency p50/p95 and a per-stage
+latency plot with run boundaries; the counters under "details".
 It loads no external asset, so it works in an offline scanner room.
 
 Like any ZeroMQ subscriber it sees only results published after it connected.

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from mindeye.protocol import Result
 from realtime.decoder import encode_png
+from realtime.hits import Top1Tally, result_hit
 
 if TYPE_CHECKING:
     from mindeye.nsd import StimulusBrick
@@ -70,42 +71,34 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
-def _is_top1_hit(result: Result) -> bool:
-    return result.image_id is not None and bool(result.top_k) and result.top_k[0].image_id == result.image_id
-
-
 @dataclass
 class _Tally:
     """Running counts over the current session's results (a new session starts them afresh).
-    Hit rate and latency are over decoded (not skipped) trials."""
+    Latency is over decoded (not skipped) trials; the top-1 hit rate is realtime.hits's."""
 
     session: str | None = None
     run: int | None = None
     trials: int = 0
     skipped: int = 0
     late: int = 0
-    candidates: frozenset[int] | None = None  # retrieval candidates; None: any known seen image counts
-    top1_known: int = 0  # decoded trials whose seen image is known (and a candidate)
-    top1_hits: int = 0  # ... whose best candidate is that image
+    top1: Top1Tally = field(default_factory=Top1Tally)
     end_to_end_ms: list[float] = field(default_factory=list)  # ascending
 
     def add(self, result: Result) -> None:
         self.run = result.run
         self.trials += 1
         self.late += "late" in result.flags
+        self.top1.add(result_hit(result))
         if "skipped" in result.flags:
             self.skipped += 1
             return
-        if result.image_id is not None and (self.candidates is None or result.image_id in self.candidates):
-            self.top1_known += 1
-            self.top1_hits += _is_top1_hit(result)
         if "end_to_end" in result.timings_ms:
             bisect.insort(self.end_to_end_ms, result.timings_ms["end_to_end"])
 
     def as_dict(self) -> dict:
         return {"session": self.session, "run": self.run, "trials": self.trials, "skipped": self.skipped,
-                "late": self.late, "top1_known": self.top1_known, "top1_hits": self.top1_hits,
-                "top1_rate": self.top1_hits / self.top1_known if self.top1_known else None,
+                "late": self.late, "top1_countable": self.top1.countable, "top1_hits": self.top1.hits,
+                "top1_rate": self.top1.rate, "top1_text": self.top1.format(),
                 "end_to_end_p50_ms": _percentile(self.end_to_end_ms, 50),
                 "end_to_end_p95_ms": _percentile(self.end_to_end_ms, 95)}
 
@@ -124,7 +117,9 @@ def _shown(result: Result, n: int) -> _Shown:
     pngs = {kind: bytes(png) for kind, png in (("image", result.image_png), ("lowlevel", result.lowlevel_png))
             if png is not None}  # bytes(): a received frame's memory is not ours to keep
     fields = {"n": n, "session": result.session, "run": result.run, "trial": result.trial,
-              "image_id": result.image_id, "volume_index": result.volume_index,
+              "image_id": result.image_id, "image_is_candidate": result.image_is_candidate,
+              "top1_hit": result_hit(result),  # computed here, once (realtime.hits), not again in the page
+              "volume_index": result.volume_index,
               "embedding_norm": result.embedding_norm,
               "top_k": [{"image_id": r.image_id, "score": r.score} for r in result.top_k],
               "timings_ms": dict(result.timings_ms), "flags": list(result.flags),
@@ -186,9 +181,7 @@ class LiveViewer:
     `show` and `set_status` are thread-safe and never wait on a browser (see the module docstring)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, stimuli: StimulusBrick | None = None,
-                 history: int = 200, title: str = "MindEye2 live", candidates=None):
-        """`candidates`: the image ids retrieval ranks (the service's bank); the top-1 hit rate then
-        counts only trials whose seen image is one of them (others cannot be hit)."""
+                 history: int = 200, title: str = "MindEye2 live"):
         if not 0 <= port <= 65535:
             raise ValueError(f"LiveViewer: port must be in 0..65535 (0 picks a free one), got {port}")
         if history < 1:
@@ -198,8 +191,7 @@ class LiveViewer:
         self._lock = threading.Lock()  # guards everything below that show/set_status/handlers share
         self._shown: deque[_Shown] = deque(maxlen=history)
         self._next_n = 0
-        self._candidates = None if candidates is None else frozenset(int(i) for i in candidates)
-        self._tally = _Tally(candidates=self._candidates)
+        self._tally = _Tally()
         self._status: dict = {}
         self._clients: set[_Client] = set()
         self._stopping = False
@@ -256,7 +248,7 @@ class LiveViewer:
             self._next_n += 1
             self._shown.append(shown)
             if result.session != self._tally.session:
-                self._tally = _Tally(session=result.session, candidates=self._candidates)
+                self._tally = _Tally(session=result.session)
             self._tally.add(result)
             update = shown.event + _sse("summary", self._tally.as_dict())
             for client in self._clients:

@@ -41,7 +41,9 @@ function formatMs(ms) {
 }
 
 const isSkipped = (r) => r.flags.includes("skipped");
-const isTop1Hit = (r) => r.image_id !== null && r.top_k.length > 0 && r.top_k[0].image_id === r.image_id;
+// The server decides (realtime/hits.py): true / false, or null when the trial does not count.
+const isTop1Hit = (r) => r.top1_hit === true;
+const SCORE_MEANING = "cosine similarity between the CLIP embedding predicted from the brain and the candidate's";
 
 // ---- cards ----------------------------------------------------------------------------------------
 
@@ -65,20 +67,25 @@ function seenFrame(r) {
 }
 
 function candidates(r) {
-  const list = el("ol", {class: "topk", title: "retrieval among the candidate images, best first"});
+  const list = el("ol", {class: "topk",
+                         title: `retrieval among the candidate images, best first; score: ${SCORE_MEANING}`});
   r.top_k.forEach((candidate, rank) => {
     const hit = candidate.image_id === r.image_id;
     const thumb = state.stimuli
       ? picture("cand-img", `/stimulus/${candidate.image_id}.png`, `candidate ${candidate.image_id}`)
       : el("span", {class: "cand-id"}, [`#${candidate.image_id}`]);
     list.append(el("li", {class: hit ? "cand hit" : "cand", "data-image-id": candidate.image_id,
-                          title: `#${candidate.image_id}, score ${candidate.score.toFixed(4)}`}, [
+                          title: `#${candidate.image_id}: ${SCORE_MEANING}, ${candidate.score.toFixed(4)}`}, [
       thumb,
       el("span", {class: "cand-rank"}, [String(rank + 1)]),
       el("span", {class: "cand-score"}, [candidate.score.toFixed(3)]),
     ]));
   });
-  return list;
+  return el("div", {class: "retrieval"}, [
+    el("div", {class: "topk-head", title: `${SCORE_MEANING}: 1 = same direction, 0 = unrelated`},
+       ["best candidates · score: cosine similarity of the predicted CLIP embedding"]),
+    list,
+  ]);
 }
 
 function buildCard(r) {
@@ -96,7 +103,8 @@ function buildCard(r) {
   }
 
   const sent = new Date(r.sent_unix_s * 1000).toLocaleTimeString();
-  const norm = r.embedding_norm === null ? "" : ` · |emb| ${r.embedding_norm.toFixed(1)}`;
+  const norm = r.embedding_norm === null ? ""
+    : ` · length of the predicted CLIP embedding ${r.embedding_norm.toFixed(1)}`;
   const card = el("article", {class: classes.join(" "), "data-n": r.n, "data-trial": r.trial, "data-run": r.run}, [
     el("header", {class: "card-head"}, [
       el("span", {class: "card-title"}, [`run ${r.run} · trial ${r.trial}`]),
@@ -105,8 +113,13 @@ function buildCard(r) {
     ]),
     images,
   ]);
+  if (r.image_is_candidate === false) {  // its top-k cannot hold the seen image: say so, plainly
+    card.append(el("p", {class: "not-candidate"}, [
+      `The seen image #${r.image_id} is not among the retrieval candidates: no candidate below can be it.`]));
+  }
   if (r.top_k.length) card.append(candidates(r));
-  card.append(el("footer", {class: "card-foot"}, [`${r.session} · volume ${r.volume_index}${norm} · ${sent}`]));
+  const foot = `${r.session} · decoded when volume ${r.volume_index} arrived${norm} · ${sent}`;
+  card.append(el("footer", {class: "card-foot", title: foot}, [foot]));
   return card;
 }
 
@@ -145,7 +158,8 @@ function applySummary(s) {
   setText("stat-skipped", String(s.skipped));
   setText("stat-late", String(s.late));
   setText("stat-top1", s.top1_rate === null ? "-"
-    : `${Math.round(s.top1_rate * 100)}% (${s.top1_hits}/${s.top1_known})`);
+    : `${(s.top1_rate * 100).toFixed(1)} % (${s.top1_hits} of ${s.top1_countable})`);
+  document.getElementById("stat-top1").title = s.top1_text;
   setText("stat-p50", formatMs(s.end_to_end_p50_ms));
   setText("stat-p95", formatMs(s.end_to_end_p95_ms));
 }
@@ -213,7 +227,7 @@ function drawPlot() {
   nodes.push(svg("text", {class: "axis-label", transform: `translate(14 ${top + plotH / 2}) rotate(-90)`,
                           "text-anchor": "middle"}, "latency (ms)"));
   nodes.push(svg("text", {class: "axis-label", x: left + plotW / 2, y: PLOT_HEIGHT - 4, "text-anchor": "middle"},
-                 "decoded trials, in arrival order (label: trial)"));
+                 "decoded trials, in arrival order (tick: trial number within its run; dashed line: a new run)"));
   if (!decoded.length) {
     nodes.push(svg("text", {class: "plot-empty", x: left + plotW / 2, y: top + plotH / 2, "text-anchor": "middle"},
                    "no decoded trial yet"));
@@ -225,6 +239,12 @@ function drawPlot() {
   const e2ePoints = [];
   decoded.forEach((r, i) => {
     const centre = left + slot * (i + 0.5);
+    const previous = decoded[i - 1];
+    if (!previous || previous.run !== r.run || previous.session !== r.session) {  // trial numbers restart
+      const x = left + slot * i;
+      if (previous) nodes.push(svg("line", {class: "run-sep", x1: x, x2: x, y1: top, y2: top + plotH}));
+      nodes.push(svg("text", {class: "run-label", x: x + 4, y: top + 10, "data-run": r.run}, `run ${r.run}`));
+    }
     const bar = svg("g", {class: "bar", "data-n": r.n, "data-trial": r.trial});
     const detail = STAGES.filter((s) => s in r.timings_ms).map((s) => `${s} ${formatMs(r.timings_ms[s])}`);
     bar.append(svg("title", {}, `run ${r.run} trial ${r.trial}: end-to-end ${formatMs(r.timings_ms.end_to_end)}\n`
