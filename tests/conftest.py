@@ -33,6 +33,21 @@ def tiny_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def irregular_world(tmp_path_factory):
+    """(root, summary, world_cfg) of a two-subject world with NSD's irregular files: subject 1's session 2
+    has a rest run first and last, design files are one row short, the expdesign is stored as doubles,
+    and subject 2 has one session of two (so some shared images are seen fewer than 3 times)."""
+    from simulators.world.generate import generate_world
+
+    cfg = load_config("world_generate", [
+        "world.n_subjects=2", "world.images.unique_per_subject=50", "world.images.shared=10",
+        "world.sessions_per_subject=[2,1]",
+        "+world.irregular={rest_run_sessions:[2],short_design:true,expdesign_doubles:true}"]).world
+    root = tmp_path_factory.mktemp("world") / "irregular"
+    return root, generate_world(cfg, root, progress=False), cfg
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tiny_world, tmp_path_factory):
     """An untrained tiny model for the tiny world's subject 1: for tests of the path, not of decoding."""
     from simulators.world.untrained import untrained_checkpoint

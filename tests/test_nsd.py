@@ -1,15 +1,19 @@
 """The NSD data layer: real paths, each format read back from the tiny world, and clear errors."""
 from __future__ import annotations
 
+import logging
+
 import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy.io
 
 from mindeye.errors import FormatError, MissingFileError
 from mindeye.nsd import (ExpDesign, NSDLayout, StimulusBrick, onset_volume, read_betas, read_design,
                          read_mindeye_betas, read_roi, read_timeseries)
-from mindeye.nsd.files import from_nsd_int16, to_nsd_int16, write_timeseries
+from mindeye.nsd.files import (from_nsd_int16, read_expdesign_arrays, to_nsd_int16, write_expdesign_arrays,
+                               write_timeseries)
 
 TR = 4 / 3
 
@@ -162,7 +166,7 @@ def test_bad_shapes_are_reported(tiny_world, tmp_path):
     with pytest.raises(FormatError, match="stored dtype should be int16, found float32"):
         read_betas(tmp_path / "f32.nii.gz", roi)
     np.savetxt(tmp_path / "design.tsv", np.zeros(70, int), fmt="%d")
-    with pytest.raises(FormatError, match="number of rows should be 73"):
+    with pytest.raises(FormatError, match="number of rows should be 73 or 72"):
         read_design(tmp_path / "design.tsv", n_volumes=73)
     (tmp_path / "junk.tsv").write_text("1\nfoo\n")
     with pytest.raises(FormatError, match="one integer per row"):
@@ -186,3 +190,37 @@ def test_expdesign_inconsistency_is_reported(tiny_world, tmp_path):
     pattern[0, 0, 0] = True  # an extra trial in session 1 only
     with pytest.raises(FormatError, match="same number of trials in every session"):
         ExpDesign(design.subject_images, design.master_order, design.shared_images, pattern)
+
+
+def test_design_one_row_short_reads_with_no_event_at_the_last_volume(tmp_path, caplog):
+    """NSD's manual: 225 design rows for 226 volumes. Both lengths read alike; a note says which it was."""
+    ids = np.zeros(73, int)
+    ids[[9, 30]] = [5, 7]
+    np.savetxt(tmp_path / "full.tsv", ids, fmt="%d")
+    np.savetxt(tmp_path / "short.tsv", ids[:-1], fmt="%d")
+    with caplog.at_level(logging.INFO, logger="mindeye.nsd.files"):
+        full = read_design(tmp_path / "full.tsv", n_volumes=73)
+        assert "rows for" not in caplog.text
+        short = read_design(tmp_path / "short.tsv", n_volumes=73)
+    assert "72 rows for 73 volumes" in caplog.text and "short.tsv" in caplog.text
+    np.testing.assert_array_equal(short, full)
+    assert len(short) == 73 and short[-1] == -1 and list(np.flatnonzero(short >= 0)) == [9, 30]
+    np.savetxt(tmp_path / "shorter.tsv", ids[:-2], fmt="%d")
+    with pytest.raises(FormatError, match="number of rows should be 73 or 72"):
+        read_design(tmp_path / "shorter.tsv", n_volumes=73)
+
+
+def test_expdesign_stored_as_doubles_reads_and_non_integral_is_refused(tiny_world, tmp_path):
+    root, _, _ = tiny_world
+    design = ExpDesign.read(NSDLayout(root).expdesign())
+    design.write(tmp_path / "doubles.mat", doubles=True)
+    assert scipy.io.loadmat(tmp_path / "doubles.mat")["masterordering"].dtype == np.float64  # as MATLAB writes it
+    again = ExpDesign.read(tmp_path / "doubles.mat")
+    for name in ("subject_images", "master_order", "shared_images", "stim_pattern"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(design, name))
+        assert getattr(again, name).dtype == getattr(design, name).dtype
+    raw = {k: v.astype(np.float64) for k, v in read_expdesign_arrays(tmp_path / "doubles.mat").items()}
+    raw["masterordering"][0, 3] += 0.5
+    write_expdesign_arrays(tmp_path / "bad.mat", raw)
+    with pytest.raises(FormatError, match=r"bad.mat: 'masterordering' should be integral values .*1 non-integral"):
+        ExpDesign.read(tmp_path / "bad.mat")

@@ -19,7 +19,7 @@ import simulators.replay
 from mindeye.config import load_config
 from mindeye.errors import FormatError
 from mindeye.journal import JournalWriter
-from mindeye.nsd import ExpDesign, NSDLayout, read_design, read_timeseries
+from mindeye.nsd import ExpDesign, NSDLayout, read_design, read_timeseries, task_runs
 from mindeye.protocol import (Ack, Events, ProtocolError, RunEnd, RunStart, Stamper, Verdict, Volume, bound_endpoint,
                               decode, recv_with_peer, send, volume_receiver)
 from simulators.replay import (Faults, JournalSource, NiftiSource, NSDSource, Pacer, apply_faults, parse_speed,
@@ -426,3 +426,22 @@ def test_no_pickle_in_the_replayer():
                 names = {alias.name.split(".")[0] for alias in node.names}
                 names |= {node.module.split(".")[0]} if isinstance(node, ast.ImportFrom) and node.module else set()
                 assert not names & {"pickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve"}, source.name
+
+
+def test_task_runs_skip_rest_runs(irregular_world):
+    """runs=task replays the design's runs in order: files 2.. of a session with a rest run first and last."""
+    from simulators.replay.cli import build_source
+
+    root = irregular_world[0]
+    layout = NSDLayout(root)
+    design = ExpDesign.read(layout.expdesign())
+    source = build_source(load_config("replay", [f"data_root={root}", "session=2", "runs=task"]))
+    plans = list(source.runs())
+    assert [plan[0].run for plan in plans] == task_runs(layout, 1, 2) == list(range(2, design.runs_per_session + 2))
+    trials = design.trials(1, [2])
+    for k, plan in enumerate(plans, start=1):
+        events = next(item.message.events for item in plan if item.type == Events.TYPE)
+        assert [e.image_id for e in events] == trials.for_run(2, k).image_id.tolist()
+    assert [plan[0].run for plan in NSDSource(layout, 1, 1, "task").runs()] == list(range(1, design.runs_per_session + 1))
+    with pytest.raises(ValueError, match="'task'"):
+        NSDSource(layout, 1, 2, "rest")

@@ -51,6 +51,18 @@ def test_nifti_and_released_hdf5_agree(tiny_world):
     assert len(a.train_image_ids) == 360
 
 
+def test_irregular_world_loads(irregular_world):
+    """Rest-run sessions and a subject with fewer sessions, whose shared images are not all seen 3 times."""
+    root, _, _ = irregular_world
+    design = ExpDesign.read(NSDLayout(root).expdesign())
+    short = load_subject(data_cfg(root), 2)
+    assert len(short.train_image_ids) == (~design.trials(2, [1]).is_test).sum()
+    ids, counts = np.unique(short.test_image_ids, return_counts=True)
+    assert np.isin(ids, design.shared_images).all() and counts.min() < 3
+    rested = load_subject(data_cfg(root, betas="mindeye_hdf5"), 1)  # session 2 has rest runs
+    assert len(rested.train_image_ids) + len(rested.test_image_ids) == 2 * design.trials_per_session
+
+
 def test_bad_requests_are_reported(tiny_world, tmp_path):
     root, _, _ = tiny_world
     with pytest.raises(ValueError, match="has 5 sessions"):

@@ -7,9 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.io
 from omegaconf import OmegaConf
 
 from mindeye.config import load_config
+from mindeye.nsd import ExpDesign, NSDLayout, read_betas, read_design, read_roi, read_timeseries, task_runs
 from simulators.world.anatomy import make_anatomy
 from simulators.world.design import make_design
 from simulators.world.encoding import shared_code
@@ -137,3 +139,28 @@ def test_generation_is_deterministic(tmp_path):
                 np.testing.assert_array_equal(ma[key], mb[key])
         else:
             assert a.read_bytes() == b.read_bytes(), rel
+
+
+def test_irregular_world_writes_nsds_irregular_files(irregular_world):
+    """Rest runs first and last (all-zero design), design files one row short, the expdesign as doubles,
+    a subject with fewer sessions; the readers map the design's run k to the k-th task run file."""
+    root, summary, _ = irregular_world
+    layout = NSDLayout(root)
+    assert scipy.io.loadmat(layout.expdesign())["subjectim"].dtype == np.float64
+    design = ExpDesign.read(layout.expdesign())
+    runs, n_volumes = design.runs_per_session, summary["volumes_per_run"]
+    assert [s["sessions"] for s in summary["subjects"]] == [2, 1]
+    assert task_runs(layout, 1, 1) == task_runs(layout, 2, 1) == list(range(1, runs + 1))
+    assert task_runs(layout, 1, 2) == list(range(2, runs + 2))  # NSD: runs 2-13 of 14
+    assert not layout.design(1, 2, runs + 3).is_file()
+    for rest in (1, runs + 2):
+        assert read_timeseries(layout.timeseries(1, 2, rest)).n_volumes == n_volumes
+        assert (read_design(layout.design(1, 2, rest), n_volumes) == -1).all()
+    trials = design.trials(1, [2])
+    for k, file_run in enumerate(task_runs(layout, 1, 2), start=1):
+        assert len(np.loadtxt(layout.design(1, 2, file_run))) == n_volumes - 1
+        onsets = read_design(layout.design(1, 2, file_run), n_volumes)
+        np.testing.assert_array_equal(onsets[onsets >= 0], trials.for_run(2, k).image_id)
+    assert read_betas(layout.betas(1, 2), read_roi(layout.roi(1))).shape[0] == design.trials_per_session
+    seen = design.trials(2, [1]).image_id  # subject 2's one session of two
+    assert min((seen == image).sum() for image in design.shared_images) < 3

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mindeye.errors import FormatError
-from mindeye.nsd.files import read_expdesign_arrays, write_expdesign_arrays
+from mindeye.errors import FormatError, MissingFileError
+from mindeye.nsd.files import read_design, read_expdesign_arrays, write_expdesign_arrays
+from mindeye.nsd.layout import NSDLayout, subject_name
 
 TRIAL_SECONDS = 4.0  # 3 s image + 1 s gap
 IMAGE_SECONDS = 3.0
@@ -91,18 +92,19 @@ class ExpDesign:
 
     @classmethod
     def read(cls, path: Path) -> "ExpDesign":
-        raw = read_expdesign_arrays(path)
-        return cls(subject_images=raw["subjectim"].astype(np.int64) - 1,
-                   master_order=raw["masterordering"].astype(np.int64).ravel() - 1,
-                   shared_images=raw["sharedix"].astype(np.int64).ravel() - 1,
-                   stim_pattern=raw["stimpattern"].astype(bool), source=Path(path))
+        raw = read_expdesign_arrays(path)  # int64, whether stored as integers or MATLAB doubles
+        return cls(subject_images=raw["subjectim"] - 1, master_order=raw["masterordering"].ravel() - 1,
+                   shared_images=raw["sharedix"].ravel() - 1, stim_pattern=raw["stimpattern"].astype(bool),
+                   source=Path(path))
 
-    def write(self, path: Path) -> None:
+    def write(self, path: Path, doubles: bool = False) -> None:
+        """`doubles`: store every array as float64, as NSD's MATLAB-written file does."""
+        ints, flags = (np.float64, np.float64) if doubles else (np.int32, np.uint8)
         write_expdesign_arrays(path, {
-            "subjectim": (self.subject_images + 1).astype(np.int32),
-            "masterordering": (self.master_order + 1).astype(np.int32)[None, :],
-            "sharedix": (self.shared_images + 1).astype(np.int32)[None, :],
-            "stimpattern": self.stim_pattern.astype(np.uint8)})
+            "subjectim": (self.subject_images + 1).astype(ints),
+            "masterordering": (self.master_order + 1).astype(ints)[None, :],
+            "sharedix": (self.shared_images + 1).astype(ints)[None, :],
+            "stimpattern": self.stim_pattern.astype(flags)})
 
     def trials(self, subject: int, sessions: list[int] | range) -> TrialTable:
         """Every stimulus trial of `subject` (1-based) in `sessions` (1-based), in acquisition order."""
@@ -126,6 +128,22 @@ class ExpDesign:
         arrays = {k: np.concatenate(v).astype(np.int64) for k, v in cols.items()}
         index_in_list = self.master_order[arrays["global_trial"]]
         return TrialTable(subject=subject, image_id=images[index_in_list], is_test=shared[index_in_list], **arrays)
+
+
+def task_runs(layout: NSDLayout, subject: int, session: int) -> list[int]:
+    """The file run numbers of a session's task runs, in order: the runs whose design file has an event.
+
+    Sessions with resting-state runs have 14 runs, 1 and 14 at rest (all-zero design files), so
+    the design's run k (`TrialTable.run`, `stim_pattern`) is the k-th task run, not file k."""
+    runs, run = [], 1
+    while (path := layout.design(subject, session, run)).is_file():
+        if (read_design(path) >= 0).any():
+            runs.append(run)
+        run += 1
+    if not runs:
+        raise MissingFileError(layout.design(subject, session, 1), f"task runs of {subject_name(subject)} session "
+                               f"{session} (design files with at least one trial)", hint=f"NSD root is {layout.root}")
+    return runs
 
 
 def onset_volume(slot: np.ndarray, tr: float) -> np.ndarray:

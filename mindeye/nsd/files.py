@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import logging
 import warnings
 
 import h5py
@@ -22,6 +23,7 @@ import scipy.io
 from mindeye.errors import FormatError, MissingFileError
 
 NSD_BETA_SCALE = 300  # NSD stores single-trial betas as int16 = percent signal change x 300
+log = logging.getLogger(__name__)
 
 
 def _require(path: Path, what: str) -> Path:
@@ -137,7 +139,9 @@ def read_design(path: Path, n_volumes: int | None = None) -> np.ndarray:
     """(T,) int: 0-based image id shown at each volume's onset, -1 where none.
 
     The file has one row per volume holding the 1-based 73k id of the image whose trial
-    starts at that volume, 0 otherwise.
+    starts at that volume, 0 otherwise. NSD's data manual describes it one row shorter than the
+    time series (225 rows for 226 volumes): with `n_volumes` given, such a file reads as
+    `n_volumes` rows, the last volume without an event, and a note says so.
     """
     what = "per-run design file (one row per volume: 1-based image id or 0)"
     _require(path, what)
@@ -149,8 +153,13 @@ def read_design(path: Path, n_volumes: int | None = None) -> np.ndarray:
         raise FormatError(path, what, "a single column", f"{ids.shape[1]} columns")
     if (ids < 0).any():
         raise FormatError(path, what, "ids >= 0", f"negative id {ids.min()}")
+    if n_volumes is not None and len(ids) == n_volumes - 1:
+        log.info("%s: %d rows for %d volumes (NSD's manual: no row for the last volume); read it as no event",
+                 path, len(ids), n_volumes)
+        ids = np.append(ids, 0)
     if n_volumes is not None and len(ids) != n_volumes:
-        raise FormatError(path, "number of rows", f"{n_volumes} (volumes in the run's time series)", f"{len(ids)}")
+        raise FormatError(path, "number of rows", f"{n_volumes} or {n_volumes - 1} (volumes in the run's time "
+                          "series, or one fewer as NSD's manual describes)", f"{len(ids)}")
     return ids - 1
 
 
@@ -242,13 +251,27 @@ EXPDESIGN_KEYS = ("subjectim", "masterordering", "sharedix", "stimpattern")
 
 
 def read_expdesign_arrays(path: Path) -> dict[str, np.ndarray]:
-    """The raw arrays of nsd_expdesign.mat (1-based, as MATLAB stores them)."""
+    """The arrays of nsd_expdesign.mat as int64 (1-based, as MATLAB stores them)."""
     what = "NSD experiment design (nsd_expdesign.mat)"
     mat = scipy.io.loadmat(_require(path, what))
     missing = [k for k in EXPDESIGN_KEYS if k not in mat]
     if missing:
         raise FormatError(path, "variables", f"{list(EXPDESIGN_KEYS)}", f"missing {missing}")
-    return {k: np.asarray(mat[k]) for k in EXPDESIGN_KEYS}
+    return {k: _integers(path, k, np.asarray(mat[k])) for k in EXPDESIGN_KEYS}
+
+
+def _integers(path: Path, key: str, values: np.ndarray) -> np.ndarray:
+    """`values` as int64. NSD's file stores MATLAB doubles: integral ones convert, others are refused
+    (a silent cast would truncate a corrupt 12.5 to image 12)."""
+    if values.dtype.kind in "iub":
+        return values.astype(np.int64)
+    if values.dtype.kind != "f":
+        raise FormatError(path, f"'{key}'", "numbers", f"dtype {values.dtype}")
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        raise FormatError(path, f"'{key}'", "integral values (ids, indices, 0/1)",
+                          f"{int(bad.sum())} non-integral, e.g. {values[bad].flat[0]!r}")
+    return values.astype(np.int64)
 
 
 def write_expdesign_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -19,8 +19,12 @@ from simulators.replay.sources import JournalSource, NiftiSource, NSDSource
 def build_source(cfg: DictConfig) -> Source:
     """The source `cfg.source` names, from the config's source options."""
     if cfg.source == "nsd":
-        return NSDSource(NSDLayout(cfg.data_root), cfg.subject, cfg.session, list(cfg.runs), session_id=cfg.session_id,
-                         dtype=cfg.dtype, events_mode=cfg.events_mode, run_gap_s=cfg.run_gap_s)
+        runs = cfg.runs if isinstance(cfg.runs, str) else list(cfg.runs)
+        try:
+            return NSDSource(NSDLayout(cfg.data_root), cfg.subject, cfg.session, runs, session_id=cfg.session_id,
+                             dtype=cfg.dtype, events_mode=cfg.events_mode, run_gap_s=cfg.run_gap_s)
+        except ValueError as error:
+            raise ConfigValueError(str(error)) from None
     if cfg.source == "nifti":
         if cfg.nifti is None:
             raise ConfigValueError("source=nifti needs nifti=PATH (a 4D NIfTI)")

@@ -24,7 +24,7 @@ import numpy as np
 
 from mindeye.errors import FormatError
 from mindeye.journal import read_journal
-from mindeye.nsd import NSDLayout, read_design, read_timeseries, subject_name
+from mindeye.nsd import NSDLayout, read_design, read_timeseries, subject_name, task_runs
 from mindeye.nsd.design import IMAGE_SECONDS
 from mindeye.nsd.files import read_tr
 from mindeye.protocol import DTYPES, Envelope, Event, Events, Message, ProtocolError, RunEnd, RunStart, Volume
@@ -100,23 +100,35 @@ def design_events(image_id_t: np.ndarray, tr_s: float) -> tuple[Event, ...]:
                  for trial, volume in enumerate(onsets))
 
 
+TASK_RUNS = "task"  # NSDSource.run_numbers: the session's task runs, in order (`task_runs`)
+
+
 @dataclass(frozen=True)
 class NSDSource:
-    """Runs of one NSD session: `layout.timeseries` volumes, `layout.design` trials."""
+    """Runs of one NSD session: `layout.timeseries` volumes, `layout.design` trials.
+
+    `run_numbers`: file run numbers, or "task" for the session's task runs in order (NSD sessions
+    with resting-state runs hold 14 runs, 1 and 14 at rest, so the 12 task runs are files 2-13)."""
 
     layout: NSDLayout
     subject: int
     session: int
-    run_numbers: Sequence[int]
+    run_numbers: Sequence[int] | str
     session_id: str | None = None  # protocol session id; default "subjNN-nsdSS"
     dtype: str | None = None  # convert volumes (e.g. float32, so NaN faults can be carried)
     events_mode: str = "upfront"
     run_gap_s: float = 0.0  # pause between runs
 
+    def __post_init__(self) -> None:
+        if isinstance(self.run_numbers, str) and self.run_numbers != TASK_RUNS:
+            raise ValueError(f"runs must be a list of run numbers or {TASK_RUNS!r}, got {self.run_numbers!r}")
+
     def runs(self) -> Iterator[list[Outgoing]]:
         session_id = self.session_id or f"{subject_name(self.subject)}-nsd{self.session:02d}"
+        run_numbers = (task_runs(self.layout, self.subject, self.session) if self.run_numbers == TASK_RUNS
+                       else self.run_numbers)
         start_s = 0.0
-        for run in self.run_numbers:
+        for run in run_numbers:
             series = read_timeseries(self.layout.timeseries(self.subject, self.session, run))
             image_id_t = read_design(self.layout.design(self.subject, self.session, run), series.n_volumes)
             plan = run_messages(series.data_xyzt, tr_s=series.tr, affine=series.affine,

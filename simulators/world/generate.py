@@ -68,7 +68,7 @@ def generate_world(world_cfg, out_dir: Path, *, overwrite: bool = False, progres
     truth_dir.mkdir(parents=True, exist_ok=True)
 
     design = make_design(world_cfg, design_rng)
-    design.write(layout.expdesign())
+    design.write(layout.expdesign(), doubles=irregular(world_cfg).get("expdesign_doubles", False))
     n_images = int(design.subject_images.max()) + 1
     images = render_stimuli(n_images, world_cfg.image_size, seed=world_cfg.seed, progress=progress)
     write_stimuli(layout.stimuli(), images)
@@ -95,6 +95,15 @@ def generate_world(world_cfg, out_dir: Path, *, overwrite: bool = False, progres
                "clip_tokens": [embedder.n_tokens, embedder.dim], "subjects": subjects}
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def irregular(world_cfg) -> dict:
+    """The world's `irregular` options (absent: none, and the config hash of older worlds is kept):
+    `rest_run_sessions` (sessions with an all-zero-design rest run first and last, as NSD's 14-run
+    sessions), `short_design` (design files one row short, as NSD's manual describes them) and
+    `expdesign_doubles` (nsd_expdesign.mat stored as MATLAB doubles)."""
+    options = world_cfg.get("irregular")
+    return {} if options is None else dict(options)
 
 
 def _generate_subject(cfg, subject: int, design, code_nk, layout: NSDLayout, truth_dir: Path,
@@ -136,18 +145,39 @@ def _generate_subject(cfg, subject: int, design, code_nk, layout: NSDLayout, tru
     hrf_shift_v[roi_in_brain] = encoding.hrf_shift_v
     n_volumes = volumes_per_run(cfg)
 
+    quirks = irregular(cfg)
+    rest_sessions = set(quirks.get("rest_run_sessions", []))
+
+    def write_run(session: int, file_run: int, run_trials, response_brain_nv) -> np.ndarray:
+        ts_tv = run_timeseries(run_trials.onset_s, response_brain_nv, hrf_shift_v, baseline_v, n_volumes, cfg.tr,
+                               cfg.snr, rng)
+        write_timeseries(layout.timeseries(subject, session, file_run), brain.unmask(ts_tv.T), anatomy.affine, cfg.tr)
+        image_id_t = design_vector(run_trials, n_volumes, cfg.tr)
+        if quirks.get("short_design", False):
+            if image_id_t[-1] >= 0:
+                raise ValueError("short_design: a trial starts at a run's last volume, so its row cannot be dropped")
+            image_id_t = image_id_t[:-1]
+        write_design(layout.design(subject, session, file_run), image_id_t)
+        return ts_tv
+
+    def write_rest_run(session: int, file_run: int) -> None:
+        no_trials = trials.select(np.zeros(len(trials), dtype=bool))
+        write_run(session, file_run, no_trials, np.zeros((0, brain.n_voxels)))
+
     glm_betas_nv = np.empty_like(trial_response_nv, dtype=np.float32)  # ROI voxels, every trial
     runs = [(session, run) for session in sessions for run in range(1, design.runs_per_session + 1)]
     session_betas: list[np.ndarray] = []
     for session, run in tqdm(runs, desc=f"subj{subject:02d} runs", leave=False, disable=not progress):
+        rest = session in rest_sessions  # design run k is then file k + 1, after the first rest run
+        if rest and run == 1:
+            write_rest_run(session, 1)
         in_run = (trials.session == session) & (trials.run == run)
         run_trials = trials.select(in_run)
         response_brain_nv = np.zeros((len(run_trials), brain.n_voxels))
         response_brain_nv[:, roi_in_brain] = trial_response_nv[in_run]
-        ts_tv = run_timeseries(run_trials.onset_s, response_brain_nv, hrf_shift_v, baseline_v, n_volumes, cfg.tr,
-                               cfg.snr, rng)
-        write_timeseries(layout.timeseries(subject, session, run), brain.unmask(ts_tv.T), anatomy.affine, cfg.tr)
-        write_design(layout.design(subject, session, run), design_vector(run_trials, n_volumes, cfg.tr))
+        ts_tv = write_run(session, run + rest, run_trials, response_brain_nv)
+        if rest and run == design.runs_per_session:
+            write_rest_run(session, run + 2)
 
         fit = fit_lsa(ts_tv.astype(np.float64), trial_regressors(run_trials.onset_s, IMAGE_SECONDS, n_volumes, cfg.tr),
                       drift_basis(n_volumes, cfg.tr))
