@@ -187,7 +187,8 @@ def make_checkpoint(directory: Path, n_voxels: int) -> Path:
     path = save_checkpoint(model, directory)
     rng = np.random.default_rng(0)
     save_calibration(path, {SUBJECT: (rng.normal(0, 0.1, n_voxels).astype(np.float32),
-                                      rng.uniform(1, 2, n_voxels).astype(np.float32))})
+                                      rng.uniform(1, 2, n_voxels).astype(np.float32))},
+                     units="percent_signal_change", estimator="random")  # stands in for a live one
     return path
 
 

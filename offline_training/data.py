@@ -4,8 +4,9 @@ Real NSD and the synthetic world are the same to this module: `data.root` points
 tree. Training trials are those of non-shared images in the chosen sessions; test trials are
 every trial of a shared image in all of the subject's sessions (the paper's test set; outputs
 are averaged over an image's repeats at evaluation). Betas are z-scored per voxel with the
-statistics of each session's training trials; those of the training sessions are kept, as the
-calibration statistics the realtime service applies to live betas.
+statistics of each session's training trials; those of the training sessions are kept as the
+checkpoint's calibration, with their units (`betas_units`): the realtime service applies them only to
+betas in the same units (mindeye-calibrate makes a live one).
 """
 from __future__ import annotations
 
@@ -84,6 +85,21 @@ def load_subject(data_cfg, subject: int, train_sessions: list[int] | None = None
                        test_voxels=np.concatenate([v for v, _ in test_parts]),
                        test_image_ids=np.concatenate([i for _, i in test_parts]),
                        zscore_mean=mean, zscore_std=std)
+
+
+def betas_units(data_cfg) -> tuple[str, str]:
+    """(units, estimator) of the betas `data_cfg.betas` reads, as the checkpoint's calibration records them.
+
+    NSD's nifti betas are GLMsingle's percent signal change; the world writes its own offline GLM's
+    (mindeye.glm) in the same units; MindEye2's hdf5 release is GLMsingle's, z-scored per session.
+    """
+    world = (Path(data_cfg.root) / "ground_truth" / "world.json").is_file()
+    estimator = "offline_glm" if world and data_cfg.betas == "nifti" else "glmsingle"
+    if data_cfg.betas == "nifti":
+        return "percent_signal_change", estimator
+    if data_cfg.betas == "mindeye_hdf5":
+        return "zscored_per_session", estimator
+    raise ValueError(f"unknown betas source '{data_cfg.betas}' (known: nifti, mindeye_hdf5)")
 
 
 def _session_betas(layout: NSDLayout, source: str, subject: int, session: int, trials: TrialTable,

@@ -40,7 +40,7 @@ from mindeye.metrics import retrieval_top1
 from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_calibration, save_checkpoint
 from mindeye.models.prior import check_sampler, draw_noise
 from mindeye.targets import build_target_cache
-from offline_training.data import SubjectData, load_subject
+from offline_training.data import SubjectData, betas_units, load_subject
 from offline_training.evaluate import predict_test_set
 from offline_training.losses import (ContrastiveSchedule, Mixup, low_level_loss, mixco_loss, sample_mixup,
                                      soft_clip_loss, unit_rows)
@@ -379,12 +379,14 @@ def full_model(accelerator: Accelerator, wrapped: nn.Module) -> MindEye2 | None:
 
 
 def save_model(accelerator: Accelerator, wrapped: nn.Module, out_dir: Path, subjects: list[SubjectData],
-               extra: dict[str, Any]) -> None:
-    """checkpoint/: the model (config.json + model.safetensors) and the subjects' calibration statistics."""
+               extra: dict[str, Any], units: tuple[str, str]) -> None:
+    """checkpoint/: the model (config.json + model.safetensors) and the subjects' calibration statistics,
+    with `units` = (units, estimator) of the betas they describe (offline_training.data.betas_units)."""
     model = full_model(accelerator, wrapped)
     if accelerator.is_main_process:
         path = save_checkpoint(model, out_dir / CHECKPOINT_DIR, extra=extra)
-        save_calibration(path, {s.name: (s.zscore_mean, s.zscore_std) for s in subjects})
+        save_calibration(path, {s.name: (s.zscore_mean, s.zscore_std) for s in subjects}, units=units[0],
+                         estimator=units[1])
     accelerator.wait_for_everyone()
 
 
@@ -528,7 +530,7 @@ def train(cfg: DictConfig) -> Path:
         stop = cfg.train.stop_after_epoch is not None and epoch + 1 >= cfg.train.stop_after_epoch
         if last or stop or (epoch + 1) % cfg.train.checkpoint_every == 0:
             save_model(accelerator, wrapped, out_dir, subjects,
-                       extra={"mode": cfg.mode, "epochs_done": epoch + 1, "run": resolved})
+                       extra={"mode": cfg.mode, "epochs_done": epoch + 1, "run": resolved}, units=betas_units(cfg.data))
             save_train_state(accelerator, out_dir, progress)
         if accelerator.is_main_process:
             write_log(out_dir, progress["log"])

@@ -1,7 +1,7 @@
 """Decode backends: a batch of live single-trial betas -> image embeddings, top-k retrieval, blurry images.
 
 The service hands each backend raw betas (percent signal change, ROI voxels, (B, V)); the backend
-z-scores them with the calibration statistics saved beside the model (those training applied),
+z-scores them with the calibration statistics saved beside the model (which must be in those units),
 runs the model and returns a `DecodedBatch`. `TorchBackend` runs the PyTorch model; export
 backends (ONNX, TensorRT) implement the same `DecodeBackend` protocol.
 
@@ -25,7 +25,8 @@ import torch
 
 from mindeye.errors import ConfigValueError, MissingFileError
 from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline, Refinement, reconstruct, refine
-from mindeye.models import MindEye2, load_calibration, load_checkpoint
+from mindeye.models import MindEye2, calibration_units, load_calibration, load_checkpoint, read_checkpoint_config
+from mindeye.models.checkpoint import CALIBRATION_FILE
 from mindeye.models.prior import check_sampler
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 from mindeye.targets import TargetCache
@@ -101,6 +102,7 @@ class RetrievalBank:
 
 
 CANDIDATE_CHOICES = ("shared", "subjects", "all")
+LIVE_UNITS = "percent_signal_change"  # realtime.glm's betas: percent of the local signal level
 
 
 def candidate_image_ids(data_root: str | Path, which, subjects: list[str] | None = None) -> np.ndarray:
@@ -200,7 +202,18 @@ class TorchBackend:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **kwargs) -> TorchBackend:
-        """The checkpoint's model and calibration statistics (MissingFileError naming the absent file)."""
+        """The checkpoint's model and calibration statistics (MissingFileError naming the absent file).
+
+        The calibration must describe betas in LIVE_UNITS, what the service's GLM feeds: statistics of other
+        units (MindEye2's per-session z-scored betas) would shift and scale every live input silently.
+        """
+        read_checkpoint_config(checkpoint_dir)  # a folder without a model is named as such, before its calibration
+        units, estimator = calibration_units(checkpoint_dir)
+        if units != LIVE_UNITS:
+            raise ConfigValueError(
+                f"{Path(checkpoint_dir) / CALIBRATION_FILE} describes betas in {units} ({estimator}); the live "
+                f"service feeds {LIVE_UNITS} from its realtime GLM. Make a live calibration: mindeye-calibrate "
+                f"checkpoint={checkpoint_dir} session=N (a session of the subjects' time series)")
         model = load_checkpoint(checkpoint_dir, device=kwargs.get("device", "cpu"))
         kwargs.setdefault("bank", None)
         return cls(model, load_calibration(checkpoint_dir), **kwargs)

@@ -13,6 +13,7 @@ sequences them and reads their output files.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mindeye.cli import command
+from mindeye.errors import ServiceUnavailable
 
 
 def train_model(cfg: DictConfig, root: Path, train_sessions: list[int]) -> Path:
@@ -54,10 +56,13 @@ def start_service(cfg: DictConfig, root: Path, checkpoint: Path, out_dir: Path) 
         if log.is_file() and "listening for volumes" in log.read_text():
             return process
         if process.poll() is not None:
-            raise RuntimeError(f"the realtime service exited:\n{process.stderr.read()[-3000:]}")
+            said = [line for line in re.split(r"[\r\n]+", process.stderr.read()) if line.strip()]
+            raise ServiceUnavailable(f"the realtime service exited with code {process.returncode}: "
+                                     f"{said[-1] if said else 'nothing said'} (log: {out_dir / 'service.log'})")
         time.sleep(0.2)
     process.kill()
-    raise RuntimeError("the realtime service did not start listening within 5 minutes")
+    raise ServiceUnavailable(f"the realtime service did not start listening within 5 minutes (log: "
+                             f"{out_dir / 'service.log'})")
 
 
 def wait_for_results(service: subprocess.Popen, out_dir: Path, n_trials: int, timeout_s: float = 600) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mindeye.errors import MissingFileError
+from mindeye.errors import ConfigValueError, MissingFileError
 from mindeye.latents import PixelCodec
 from mindeye.models import build_model, save_calibration, save_checkpoint
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
@@ -28,7 +28,7 @@ def checkpoint(tmp_path):
     calibration = {name: (rng.normal(2.0, 1.0, n).astype(np.float32), rng.uniform(0.5, 3.0, n).astype(np.float32))
                    for name, n in VOXELS.items()}
     save_checkpoint(model, tmp_path / "ckpt")
-    save_calibration(tmp_path / "ckpt", calibration)
+    save_calibration(tmp_path / "ckpt", calibration, units="percent_signal_change", estimator="realtime_glm")
     return tmp_path / "ckpt", model, calibration
 
 
@@ -179,6 +179,23 @@ def test_bad_input_is_named(checkpoint, bank, tmp_path):
         TorchBackend.from_checkpoint(tmp_path / "no_calibration")
     with pytest.raises(MissingFileError, match="checkpoint config"):
         TorchBackend.from_checkpoint(tmp_path / "nothing_here")
+
+
+def test_calibration_in_other_units_is_refused_live(checkpoint):
+    """MindEye2's per-session z-scored betas (or a file that does not say) are not what the live GLM feeds."""
+    path, _, calibration = checkpoint
+    save_calibration(path, calibration, units="zscored_per_session", estimator="glmsingle")
+    with pytest.raises(ConfigValueError, match=r"zscored_per_session \(glmsingle\); the live service feeds "
+                                               r"percent_signal_change .* mindeye-calibrate"):
+        TorchBackend.from_checkpoint(path, prior_steps=0)
+    from safetensors.numpy import save_file
+
+    save_file({f"{s}.{part}": x for s, (m, sd) in calibration.items() for part, x in (("mean", m), ("std", sd))},
+              str(path / "calibration.safetensors"))  # written before units were recorded
+    with pytest.raises(ConfigValueError, match=r"betas in unknown \(unknown\)"):
+        TorchBackend.from_checkpoint(path, prior_steps=0)
+    save_calibration(path, calibration, units="percent_signal_change", estimator="realtime_glm")
+    assert TorchBackend.from_checkpoint(path, prior_steps=0).subjects() == list(calibration)
 
 
 def test_candidates_can_be_every_image_of_the_served_subjects_or_a_stimulus_set(tiny_world, tmp_path):

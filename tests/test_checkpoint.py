@@ -109,18 +109,22 @@ def test_non_json_extra_is_rejected_before_writing(model, tmp_path):
 
 def test_calibration_round_trip_and_errors(tmp_path):
     from mindeye.errors import FormatError, MissingFileError
-    from mindeye.models import load_calibration, save_calibration
+    from mindeye.models import calibration_units, load_calibration, save_calibration
 
     stats = {"subj01": (np.arange(4, dtype=np.float32), np.full(4, 2.0, np.float32)),
              "subj08": (np.zeros(3, np.float32), np.ones(3, np.float32))}
-    save_calibration(tmp_path, stats)
+    save_calibration(tmp_path, stats, units="zscored_per_session", estimator="glmsingle")
+    assert calibration_units(tmp_path) == ("zscored_per_session", "glmsingle")
     loaded = load_calibration(tmp_path)
     assert sorted(loaded) == ["subj01", "subj08"]
     for subject, (mean, std) in stats.items():
         np.testing.assert_array_equal(loaded[subject][0], mean)
         np.testing.assert_array_equal(loaded[subject][1], std)
     with pytest.raises(ValueError, match="std must be finite and positive"):
-        save_calibration(tmp_path, {"subj01": (np.zeros(2), np.zeros(2))})
+        save_calibration(tmp_path, {"subj01": (np.zeros(2), np.zeros(2))}, units="percent_signal_change",
+                         estimator="realtime_glm")
+    with pytest.raises(ValueError, match="units must be one of"):
+        save_calibration(tmp_path, stats, units="percent", estimator="realtime_glm")
     with pytest.raises(MissingFileError, match="calibration statistics"):
         load_calibration(tmp_path / "nowhere")
     from safetensors.numpy import save_file
@@ -128,3 +132,4 @@ def test_calibration_round_trip_and_errors(tmp_path):
     save_file({"subj01.mean": np.zeros(2, np.float32)}, str(tmp_path / "calibration.safetensors"))
     with pytest.raises(FormatError, match="missing"):
         load_calibration(tmp_path)
+    assert calibration_units(tmp_path) == ("unknown", "unknown")  # written before units were recorded

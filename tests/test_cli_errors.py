@@ -30,6 +30,7 @@ COMMANDS = {  # console script -> module (pyproject.toml's [project.scripts])
     "mindeye-demo": "simulators.demo",
     "mindeye-replay": "simulators.replay.cli",
     "mindeye-latency-report": "realtime.latency",
+    "mindeye-calibrate": "realtime.calibrate",
     "mindeye-viewer": "realtime.viewer",
 }
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load_file
 
 from mindeye.config import CONFIG_DIR, load_config
-from mindeye.models import build_model, load_checkpoint
+from mindeye.models import build_model, calibration_units, load_checkpoint
 from offline_training.data import load_subject
 from offline_training.trainer import BatchPlan, init_from_pretrained, make_optimizer, train
 
@@ -80,6 +80,8 @@ def test_checkpoint_holds_the_model_the_run_config_and_the_calibration_statistic
     data_cfg = load_config("train", [f"data.root={root}"]).data
     subj02 = load_subject(data_cfg, 2)
     np.testing.assert_array_equal(calibration["subj02.std"], subj02.zscore_std)
+    # the world's nifti betas: its offline GLM's percent signal change, recorded for the live backend's check
+    assert calibration_units(out_dir / "checkpoint") == ("percent_signal_change", "offline_glm")
     assert model.config.voxels_per_subject["subj02"] == subj02.n_voxels
     with torch.no_grad():
         out = model(torch.from_numpy(subj02.test_voxels[:3]), "subj02")

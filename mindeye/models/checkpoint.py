@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
@@ -130,11 +130,24 @@ def _atomic_write(path: Path, write) -> None:
 CALIBRATION_FILE = "calibration.safetensors"
 
 
-def save_calibration(path_dir: str | Path, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """`stats`: subject name -> (mean (V,), std (V,)) of its training betas, beside the model's weights.
+# What a calibration's betas are in. The live service feeds percent signal change from its realtime GLM;
+# MindEye2's released hdf5 betas are z-scored per session, which no live estimate is.
+BETA_UNITS = ("percent_signal_change", "zscored_per_session")
+UNKNOWN = "unknown"  # a calibration written before units were recorded
 
-    The realtime service z-scores live betas with these, so live and training inputs match.
+
+def save_calibration(path_dir: str | Path, stats: dict[str, tuple[np.ndarray, np.ndarray]], *, units: str,
+                     estimator: str) -> Path:
+    """`stats`: subject name -> (mean (V,), std (V,)) of its betas, beside the model's weights.
+
+    The realtime service z-scores live betas with these, so they must describe betas in the live units:
+    `units` (one of BETA_UNITS) and `estimator` (what fitted the betas: "realtime_glm", "offline_glm",
+    "glmsingle"...) are recorded, and the live backend refuses units other than its own.
     """
+    if units not in BETA_UNITS:
+        raise ValueError(f"units must be one of {BETA_UNITS}, got {units!r}")
+    if not estimator:
+        raise ValueError("estimator must name what fitted the betas (e.g. realtime_glm, glmsingle)")
     tensors = {}
     for subject, (mean_v, std_v) in stats.items():
         if mean_v.shape != std_v.shape or mean_v.ndim != 1:
@@ -144,8 +157,19 @@ def save_calibration(path_dir: str | Path, stats: dict[str, tuple[np.ndarray, np
         tensors[f"{subject}.mean"] = np.ascontiguousarray(mean_v, dtype=np.float32)
         tensors[f"{subject}.std"] = np.ascontiguousarray(std_v, dtype=np.float32)
     path = Path(path_dir) / CALIBRATION_FILE
-    save_numpy(tensors, str(path), metadata={"what": "per-voxel z-score statistics of the training betas"})
+    save_numpy(tensors, str(path), metadata={"what": "per-voxel z-score statistics of the subjects' betas",
+                                             "units": units, "estimator": estimator})
     return path
+
+
+def calibration_units(path_dir: str | Path) -> tuple[str, str]:
+    """(units, estimator) of the betas the calibration describes; UNKNOWN for a file that does not say."""
+    path = Path(path_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        raise MissingFileError(path, "calibration statistics (per-voxel z-scoring of each subject's betas)")
+    with safe_open(str(path), "np") as f:
+        metadata = f.metadata() or {}
+    return metadata.get("units", UNKNOWN), metadata.get("estimator", UNKNOWN)
 
 
 def load_calibration(path_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -27,5 +27,6 @@ def untrained_checkpoint(root: Path, directory: Path, subject: int = 1, seed: in
     path = save_checkpoint(model, directory)
     rng = np.random.default_rng(seed)
     save_calibration(path, {name: (rng.normal(0, 0.1, n_voxels).astype(np.float32),
-                                   rng.uniform(1, 2, n_voxels).astype(np.float32))})
+                                   rng.uniform(1, 2, n_voxels).astype(np.float32))},
+                     units="percent_signal_change", estimator="random")  # stands in for a live one
     return path
