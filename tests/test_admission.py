@@ -1,8 +1,6 @@
 """The receiver rules (docs/protocol.md) as realtime/admission.py applies them: verdicts and steps."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -246,22 +244,20 @@ def test_a_late_run_start_may_not_promise_fewer_volumes_than_came(admission):
     assert judgement.verdict == Verdict.ACCEPTED
 
 
-def test_the_widest_gap_a_run_can_have_is_declared_missing_quickly(admission):
-    """With indices below MAX_RUN_VOLUMES (decode's limit), no gap can make the receiver loop for long."""
+def test_the_widest_gap_a_run_can_have_is_declared_missing_in_bounded_steps(admission):
+    """With indices below MAX_RUN_VOLUMES (decode's limit), no gap can make the receiver loop for long: the
+    steps a gap releases are bounded by that limit (a count, not a timing, so the test cannot flake)."""
     sender = Sender()
     admission.judge(sender.volume(0), 0.0)
     last = messages.MAX_RUN_VOLUMES - 1
-    started_s = time.perf_counter()
     judgement, steps = admission.judge(sender.volume(last), 1.0)
     steps += admission.tick(2.0)
     judgement_end, end_steps = admission.judge(sender.run_end(last + 1), 2.1)
-    elapsed_s = time.perf_counter() - started_s
     assert judgement.verdict == judgement_end.verdict == Verdict.ACCEPTED
     missing = [step.index for step in steps if isinstance(step, MissingVolume)]
     assert missing == list(range(1, last)) and len(missing) <= messages.MAX_RUN_VOLUMES
     assert kinds(steps)[-1] == f"use{last}" and kinds(end_steps) == ["finish"]
     assert admission.counters.volumes_missing == last - 1
-    assert elapsed_s < 0.3
     run = admission.runs[("s1", 1)]
     assert run.accepted == {0, last} and len(run.missing) == last - 1
 
