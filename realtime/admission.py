@@ -376,7 +376,8 @@ class Admission:
         if state is not None:
             differences = _differences(state, message)
             if differences:
-                raise Refusal(Reason.CONFLICT, f"volume {index} contradicts run {message.run}: " + "; ".join(differences))
+                raise Refusal(Reason.CONFLICT,
+                              f"volume {index} contradicts run {message.run}: " + "; ".join(differences))
             if state.end_volumes is not None and index >= state.end_volumes:
                 raise Refusal(Reason.RUN_CLOSED, f"volume {index} is past the end of run {message.run} "
                                                  f"({state.end_volumes} volumes)")

@@ -49,14 +49,17 @@ def start_service(cfg: DictConfig, root: Path, checkpoint: Path, out_dir: Path) 
                f"endpoints.results={cfg.service.results}", f"viewer.port={cfg.service.viewer_port}",
                f"decode.candidates={override(cfg.candidates)}",
                "log_level=INFO"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # a file, not a pipe: a pipe nobody reads fills up, and then the service blocks on its next warning
+    with open(out_dir / "service.stderr", "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         log = out_dir / "service.log"
         if log.is_file() and "listening for volumes" in log.read_text():
             return process
         if process.poll() is not None:
-            said = [line for line in re.split(r"[\r\n]+", process.stderr.read()) if line.strip()]
+            said = [line for line in re.split(r"[\r\n]+", (out_dir / "service.stderr").read_text()) if line.strip()]
             raise ServiceUnavailable(f"the realtime service exited with code {process.returncode}: "
                                      f"{said[-1] if said else 'nothing said'} (log: {out_dir / 'service.log'})")
         time.sleep(0.2)
@@ -181,7 +184,12 @@ def main(cfg: DictConfig) -> None:
     finally:
         if service.poll() is None:
             service.send_signal(signal.SIGINT)  # the service finishes its queue and writes the latency report
-        service.wait(60)
+        try:
+            service.wait(60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            raise ServiceUnavailable(f"the realtime service did not stop within 60 s of Ctrl-C and was killed "
+                                     f"(log: {out_dir / 'service.log'})") from None
     print(f"files: {out_dir} (results.jsonl, latency.csv/json/png, journal.mej, betas/)")
 
 

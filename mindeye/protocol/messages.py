@@ -430,8 +430,9 @@ class Events:
 
     @classmethod
     def _read(cls, f: _Fields, payload: list[memoryview], envelope: Envelope) -> Events:
-        events = tuple(Event(e.trial(), e.seconds("onset_s"), e.number("duration_s", 0.0, MAX_DURATION_S), e.image_id(optional=True),
-                             e.text("label")) for e in f.objects("events", MAX_TRIALS, "trials"))
+        events = tuple(Event(e.trial(), e.seconds("onset_s"), e.number("duration_s", 0.0, MAX_DURATION_S),
+                             e.image_id(optional=True), e.text("label"))
+                       for e in f.objects("events", MAX_TRIALS, "trials"))
         repeated = sorted(trial for trial, n in Counter(e.trial for e in events).items() if n > 1)
         if repeated:
             raise ProtocolError(Reason.BAD_VALUE, f"events: field 'events' lists trials {_show(repeated)} more than "
