@@ -176,6 +176,8 @@ def main(cfg: DictConfig) -> None:
         if cfg.stay_up:
             banner(f"  live viewer: {url}   (still up: the results stay there)",
                    "  Ctrl-C stops the service and the viewer")
+            # Ctrl-C must stop it even when started from a script that ignores SIGINT (a background job)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 while service.poll() is None:
                     time.sleep(0.5)
