@@ -97,7 +97,10 @@ def trial_regressors(
     # Only each boxcar's nonzero span is convolved: the same numbers at a fraction of the cost.
     response_fn = np.zeros_like(boxcar_fn)
     for n, boxcar_f in enumerate(boxcar_fn.T):
-        first, last = np.flatnonzero(boxcar_f)[[0, -1]]
+        covered_f = np.flatnonzero(boxcar_f)
+        if covered_f.size == 0:  # a zero duration covers no bin: no response, refused below as all-zero
+            continue
+        first, last = covered_f[[0, -1]]
         piece = np.convolve(boxcar_f[first:last + 1], kernel_m)[: n_fine - first]
         response_fn[first:first + len(piece), n] = piece
     regressors_tn = response_fn[::oversampling]

@@ -225,3 +225,10 @@ def test_bad_input_is_named(run):
         fit_lss(y_tv, trials_tn[:, [4, 4]], nuisance_tk)
     with pytest.raises(ValueError, match="at least 2 trials"):
         fit_lss(y_tv, trials_tn[:, :1], nuisance_tk)
+
+
+def test_a_duration_too_short_to_cover_any_sample_is_a_value_error_not_a_crash():
+    """Found by the service fuzzer: a positive duration of 1e-300 s covers no fine bin; it used to raise
+    IndexError, which the service's trial handling does not expect."""
+    with pytest.raises(ValueError, match="predict no positive response"):
+        trial_regressors(np.array([2.0]), 1e-300, 20, 1.0)
