@@ -30,7 +30,8 @@ import numpy as np
 import zmq
 from PIL import Image
 
-from mindeye.protocol import Result, Retrieval, Stamper, encode, new_subscriptions, send
+from mindeye.protocol import Result, Retrieval, Stamper, new_subscriptions, send
+from mindeye.protocol.messages import header_of
 
 if TYPE_CHECKING:  # the backends import torch: a viewer that imports this module must not wait for it
     from realtime.backends import DecodeBackend
@@ -259,7 +260,7 @@ class ResultsLog:
         return published
 
     def __call__(self, result: Result, published_unix_s: float, batch_size: int) -> None:
-        header = json.loads(bytes(encode(result)[0]))
+        header = header_of(result)  # what encode put in frame 0 when it was sent, not encoded again
         self._file.write(json.dumps({**header, "published_unix_s": published_unix_s, "batch_size": batch_size}) + "\n")
         self._file.flush()
         self.published.add((result.session, result.run, result.trial))

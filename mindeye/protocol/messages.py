@@ -575,13 +575,18 @@ def _json_value(value: Any) -> Any:
 
 # ---- encode / decode --------------------------------------------------------------------------------
 
+def header_of(message: Message) -> dict:
+    """The JSON object frame 0 of `message` holds: the envelope, then the message's own fields."""
+    fields, _ = message._header()
+    envelope = message.envelope
+    return {"protocol_version": PROTOCOL_VERSION, "type": message.TYPE, "sender_id": envelope.sender_id,
+            "seq": envelope.seq, "sent_unix_s": envelope.sent_unix_s, **fields}
+
+
 def encode(message: Message) -> list[Buffer]:
     """Frames of `message`: its JSON header, then its payload buffers (not copied). Raises
     ProtocolError for anything `decode` would refuse."""
-    fields, payload = message._header()
-    envelope = message.envelope
-    header = {"protocol_version": PROTOCOL_VERSION, "type": message.TYPE, "sender_id": envelope.sender_id,
-              "seq": envelope.seq, "sent_unix_s": envelope.sent_unix_s, **fields}
+    header, payload = header_of(message), message._header()[1]
     try:
         text = json.dumps(header, separators=(",", ":"), default=_json_value)
     except ProtocolError:
