@@ -12,6 +12,7 @@ The student is the teacher plus an embedding of g (`time_cond_proj_dim`, zero-in
 as the teacher): guidance is folded in, one UNet call a sampling step. The target network is an EMA of
 the student; with `lora_rank` set only low-rank adapters on the attention and residual layers (and the
 guidance embedding) train, the target is the student itself, and the adapters are merged at save time.
+A teacher's token map (the world's generators) is the student's too, unchanged.
 
 out_dir receives: student/ (a generator folder with the LCM sampler; load_pipeline reads it),
 train_state/ (resume=true), run_config.yaml, log.jsonl, distill.png and samples/.
@@ -112,19 +113,19 @@ class ConsistencyDistiller:
                                        device=device)
 
         c_skip, c_out = boundary_scalings(t)
-        out_student = self.student(x_t, t, encoder_hidden_states=tokens_bld, added_cond_kwargs=added,
+        out_student = self.student(teacher.denoiser_input(x_t, tokens_bld), t, encoder_hidden_states=tokens_bld, added_cond_kwargs=added,
                                    timestep_cond=w_emb).sample
         f_student = c_skip * x_t + c_out * x0_and_eps(out_student, x_t, a_t, self.prediction_type)[0]
 
         with torch.no_grad():
             added_2b = {k: torch.cat((v, v)) for k, v in added.items()}
             tokens_2b = torch.cat((torch.randn_like(tokens_bld), tokens_bld))  # unconditional: random tokens
-            out_u, out_c = teacher.unet(torch.cat((x_t, x_t)), torch.cat((t, t)), encoder_hidden_states=tokens_2b,
-                                        added_cond_kwargs=added_2b).sample.chunk(2)
+            out_u, out_c = teacher.unet(teacher.denoiser_input(torch.cat((x_t, x_t)), tokens_2b), torch.cat((t, t)),
+                                        encoder_hidden_states=tokens_2b, added_cond_kwargs=added_2b).sample.chunk(2)
             g = g_b[:, None, None, None]
             x0_g, eps_g = x0_and_eps(out_u + g * (out_c - out_u), x_t, a_t, self.prediction_type)
             x_prev = a_prev.sqrt()[:, None, None, None] * x0_g + (1 - a_prev).sqrt()[:, None, None, None] * eps_g
-            out_target = self.target(x_prev, t_prev, encoder_hidden_states=tokens_bld, added_cond_kwargs=added,
+            out_target = self.target(teacher.denoiser_input(x_prev, tokens_bld), t_prev, encoder_hidden_states=tokens_bld, added_cond_kwargs=added,
                                      timestep_cond=w_emb).sample
             c_skip_p, c_out_p = boundary_scalings(t_prev)
             f_target = c_skip_p * x_prev + c_out_p * x0_and_eps(out_target, x_prev, a_prev, self.prediction_type)[0]
@@ -134,11 +135,11 @@ class ConsistencyDistiller:
 
 
 def student_pipeline(teacher: MindEyeUnCLIPPipeline, student_unet) -> MindEyeUnCLIPPipeline:
-    """The teacher pipeline with the student UNet and the LCM sampler."""
+    """The teacher pipeline (its VAE and token map too) with the student UNet and the LCM sampler."""
     from mindeye.generator import MindEyeUnCLIPPipeline, make_scheduler
 
     return MindEyeUnCLIPPipeline(student_unet, make_scheduler("lcm", teacher.scheduler), teacher.vae,
-                                 clip_id=teacher.config.clip_id, clip_tokens=teacher.config.clip_tokens,
+                                 teacher.token_map, clip_id=teacher.config.clip_id, clip_tokens=teacher.config.clip_tokens,
                                  original_size=tuple(teacher.config.original_size),
                                  crop_coords=tuple(teacher.config.crop_coords))
 
@@ -177,6 +178,8 @@ def distill(cfg: DictConfig) -> Path:
         raise ValueError(f"the teacher {cfg.teacher} was trained on CLIP {teacher.config.clip_id!r}, the world's "
                          f"encoder is {clip_identity(cfg.world.clip)!r}")
     teacher.unet.requires_grad_(False).eval()
+    if teacher.token_map is not None:  # the student reads the teacher's token map as it is
+        teacher.token_map.requires_grad_(False).eval()
     embedder = build_clip_embedder(cfg.world.clip, device=str(accelerator.device))
     set_seed(cfg.seed)  # after the encoder: building a random-weights one re-seeds torch with its own seed
 

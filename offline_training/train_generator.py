@@ -10,8 +10,10 @@ Denoiser loss: MSE of the schedule's prediction type (v for the world's pixel-sp
 cosine schedule the terminal SNR is ~1e-9, where an epsilon model's implied image is unstable and few-step
 samplers and consistency distillation break down) with min-SNR-gamma weighting (Hang et al. 2023: the
 same quality in a fraction of the steps); with probability `cond_drop_prob` a row's tokens are replaced by random
-tokens, MindEye2's unconditional input, so classifier-free guidance works at sampling time. An EMA
-of the weights is what gets saved.
+tokens, MindEye2's unconditional input, so classifier-free guidance works at sampling time. A generator
+with a token map (the world's) trains it with the UNet, plus `token_map_loss` x the MSE between the map of
+the kept rows' tokens and their clean samples, so the map is a picture. An EMA of the weights is what
+gets saved.
 
 out_dir receives: generator/ (the pipeline, diffusers format, EMA weights: load_pipeline reads it),
 train_state/ (for resume), run_config.yaml, log.jsonl, training.png (loss curve) and samples/ (seen |
@@ -40,8 +42,9 @@ STATE_DIR, GENERATOR_DIR = "train_state", "generator"
 
 
 def diffusion_loss(pipe: MindEyeUnCLIPPipeline, noise_schedule, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor,
-                   cond_drop_prob: float, snr_gamma: float | None) -> torch.Tensor:
-    """min-SNR-weighted MSE (eps or v target) at a random timestep per row; dropped rows get random tokens."""
+                   cond_drop_prob: float, snr_gamma: float | None, token_map_loss: float = 0.0) -> torch.Tensor:
+    """min-SNR-weighted MSE (eps or v target) at a random timestep per row; dropped rows get random tokens.
+    With a token map, plus `token_map_loss` x the MSE of the kept rows' maps to their clean samples."""
     import torch
     import torch.nn.functional as F
     from diffusers.training_utils import compute_snr
@@ -57,14 +60,19 @@ def diffusion_loss(pipe: MindEyeUnCLIPPipeline, noise_schedule, images_b3hw: tor
     tokens_bld = torch.where(drop_b[:, None, None], torch.randn_like(tokens_bld), tokens_bld)
     added = micro_conditioning_ids(batch, tuple(pipe.config.original_size), tuple(pipe.config.crop_coords),
                                    device=x0.device)
-    predicted = pipe.unet(noisy, t_b, encoder_hidden_states=tokens_bld, added_cond_kwargs=added).sample
+    predicted = pipe.unet(pipe.denoiser_input(noisy, tokens_bld), t_b, encoder_hidden_states=tokens_bld,
+                          added_cond_kwargs=added).sample
     v_prediction = noise_schedule.config.prediction_type == "v_prediction"
     target = noise_schedule.get_velocity(x0, noise, t_b) if v_prediction else noise
     mse_b = F.mse_loss(predicted.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:  # min-SNR-gamma weights of the x0 error, expressed for an eps or a v target
         snr_b = compute_snr(noise_schedule, t_b)
         mse_b = mse_b * snr_b.clamp(max=snr_gamma) / (snr_b + 1 if v_prediction else snr_b)
-    return mse_b.mean()
+    loss = mse_b.mean()
+    if pipe.token_map is not None and token_map_loss and not drop_b.all():
+        kept = ~drop_b
+        loss = loss + token_map_loss * F.mse_loss(pipe.token_map(tokens_bld[kept]).float(), x0[kept].float())
+    return loss
 
 
 def train_generator(cfg: DictConfig) -> Path:
@@ -93,11 +101,12 @@ def train_generator(cfg: DictConfig) -> Path:
     pipe = build_pipeline(cfg.generator, clip_id=clip_identity(cfg.world.clip), clip_tokens=embedder.n_tokens)
     pipe.set_progress_bar_config(disable=True)
     noise_schedule = make_scheduler("ddpm", cfg.generator.schedule)
-    unet = pipe.unet.train()
-    ema = EMAModel(unet.parameters(), decay=cfg.ema.decay, use_ema_warmup=True, power=cfg.ema.power)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [pipe.unet.train()] + ([pipe.token_map.train()] if pipe.token_map is not None else [])
+    params = [p for module in trained for p in module.parameters()]
+    ema = EMAModel(params, decay=cfg.ema.decay, use_ema_warmup=True, power=cfg.ema.power)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
-    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    *trained, optimizer, scheduler = accelerator.prepare(*trained, optimizer, scheduler)
     accelerator.register_for_checkpointing(ema)
 
     step, records = 0, []
@@ -121,13 +130,14 @@ def train_generator(cfg: DictConfig) -> Path:
         images_b3hw = to_unit(images).to(accelerator.device)
         with torch.no_grad():
             tokens_bld = embedder(images_b3hw)
-        loss = diffusion_loss(pipe, noise_schedule, images_b3hw, tokens_bld, cfg.cond_drop_prob, cfg.snr_gamma)
+        loss = diffusion_loss(pipe, noise_schedule, images_b3hw, tokens_bld, cfg.cond_drop_prob, cfg.snr_gamma,
+                              cfg.token_map_loss)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step(unet.parameters())
+        ema.step(params)
         step += 1
         window.append(loss.item())
         bar.update(1)
@@ -142,34 +152,37 @@ def train_generator(cfg: DictConfig) -> Path:
             plot_loss(records, out_dir / "training.png", ylabel="min-SNR weighted MSE",
                       title="generator training loss")
         if step % cfg.sample_every == 0 or step == last:
-            with ema_weights(ema, unet):
+            with ema_weights(ema, trained):
                 preview_grid(pipe, embedder, held_out, out_dir / "samples" / f"step-{step:06d}.png",
                              steps=cfg.generator.sampling.steps, guidance_scale=cfg.generator.sampling.guidance_scale)
-            unet.train()
+            for module in trained:
+                module.train()
     bar.close()
-    return save_generator(pipe, ema, unet, out_dir / GENERATOR_DIR, half=cfg.save_fp16)
+    return save_generator(pipe, ema, params, out_dir / GENERATOR_DIR, half=cfg.save_fp16)
 
 
 class ema_weights:
-    """Context: the UNet holds the EMA weights inside, its own weights again after."""
+    """Context: the trained modules hold the EMA weights inside, their own weights again after."""
 
-    def __init__(self, ema: EMAModel, unet: torch.nn.Module):
-        self.ema, self.unet = ema, unet
+    def __init__(self, ema: EMAModel, modules: list[torch.nn.Module]):
+        self.ema, self.modules = ema, modules
+        self.params = [p for module in modules for p in module.parameters()]
 
     def __enter__(self):
-        self.ema.store(self.unet.parameters())
-        self.ema.copy_to(self.unet.parameters())
-        self.unet.eval()
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        for module in self.modules:
+            module.eval()
 
     def __exit__(self, *exc):
-        self.ema.restore(self.unet.parameters())
+        self.ema.restore(self.params)
 
 
-def save_generator(pipe: MindEyeUnCLIPPipeline, ema: EMAModel, unet, path: Path, *, half: bool) -> Path:
+def save_generator(pipe: MindEyeUnCLIPPipeline, ema: EMAModel, params: list, path: Path, *, half: bool) -> Path:
     """The pipeline with the EMA weights (in float16 when `half`: half the size, loads as float32)."""
     from mindeye.generator.training import save_generator_folder
 
-    ema.copy_to(unet.parameters())
+    ema.copy_to(params)
     return save_generator_folder(pipe, path, half=half)
 
 

@@ -239,7 +239,11 @@ def test_the_consistency_loss_compares_the_student_at_t_n_with_the_target_one_te
     # the guided teacher: random unconditional tokens, then the conditional ones; no guidance embedding
     assert torch.equal(te["encoder_hidden_states"][batch:], tokens_bld)
     assert not torch.allclose(te["encoder_hidden_states"][:batch], tokens_bld)
-    assert te.get("timestep_cond") is None and torch.equal(te["sample"][:batch], s["sample"])
+    assert te.get("timestep_cond") is None and torch.equal(te["sample"][:batch, :3], s["sample"][:, :3])
+    # every UNet input ends with its tokens' map: the teacher's token map, shared by the student
+    token_map = teacher.token_map(tokens_bld)
+    for call, maps in ((s, token_map), (tg, token_map), (te, teacher.token_map(te["encoder_hidden_states"]))):
+        assert torch.equal(call["sample"][:, 3:], maps)
     # student and target read the same guidance scales, embedded as the sampler embeds them
     assert s["timestep_cond"].shape == (batch, W) and torch.equal(s["timestep_cond"], tg["timestep_cond"])
     assert not torch.allclose(s["timestep_cond"][0], s["timestep_cond"][1])  # a scale drawn per row

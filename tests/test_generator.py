@@ -191,7 +191,9 @@ def test_guidance_doubles_the_batch_with_random_unconditional_tokens_and_extrapo
         assert context.shape == (2 * B, L, D) and call["sample"].shape[0] == 2 * B
         assert torch.equal(context[B:], x)  # second half: the conditional tokens
         assert torch.equal(context[:B], uncond_tokens)  # the same random tokens at every step
-        assert torch.equal(call["sample"][:B], call["sample"][B:])  # both halves denoise the same latents
+        noisy, token_maps = call["sample"][:, :3], call["sample"][:, 3:]
+        assert torch.equal(noisy[:B], noisy[B:])  # both halves denoise the same latents
+        assert torch.equal(token_maps, pipe.token_map(context))  # each half with its own tokens' map
         assert call["added_cond_kwargs"]["time_ids"].shape == (2 * B, 4)
         uncond, cond = output.chunk(2)
         torch.testing.assert_close(prediction, uncond + g * (cond - uncond), rtol=0, atol=1e-6)
@@ -273,7 +275,7 @@ def test_strength_below_one_runs_the_end_of_the_schedule_from_the_low_level_imag
                 strength=0.02)  # only the last of 50 steps
     assert len(calls) == 1
     low_8 = pipe.encode_images(low)  # the low-level image where the UNet works: 8 px, [-1, 1]
-    assert corr(calls.inputs[0]["sample"], low_8) > 0.9  # the noised low-level image is the start
+    assert corr(calls.inputs[0]["sample"][:, :3], low_8) > 0.9  # the noised low-level image is the start
     assert corr(near.images, low_8.permute(0, 2, 3, 1)) > 0.9
     far = pipe(x, num_inference_steps=4, guidance_scale=1.0, generator=seeded()).images
     assert abs(corr(far, low_8.permute(0, 2, 3, 1))) < 0.5  # from noise, nothing of the low-level image

@@ -20,12 +20,13 @@ from mindeye.generator.pipeline import (GenerationSettings, MindEyeUnCLIPPipelin
 from mindeye.generator.reconstruct import (EncoderMismatch, Refinement, default_steps, reconstruct, refine,
                                           require_encoder)
 from mindeye.generator.schedulers import SAMPLERS, make_scheduler, sampler_name
+from mindeye.generator.token_map import TokenMap  # imported here too: from_pretrained finds the class in sys.modules
 from mindeye.generator.unet import build_unet, count_parameters, micro_conditioning_ids
 
 GENERATOR_CONFIG_DIR = CONFIG_DIR / "generator"
 
-__all__ = ["SAMPLERS", "EncoderMismatch", "GenerationSettings", "MindEyeUnCLIPPipeline", "Refinement", "UnCLIPOutput",
-           "blend_with_low_level", "build_pipeline", "build_unet", "count_parameters", "default_steps",
+__all__ = ["SAMPLERS", "EncoderMismatch", "GenerationSettings", "MindEyeUnCLIPPipeline", "Refinement", "TokenMap",
+           "UnCLIPOutput", "blend_with_low_level", "build_pipeline", "build_unet", "count_parameters", "default_steps",
            "generator_config", "load_pipeline", "make_scheduler", "micro_conditioning_ids", "reconstruct", "refine",
            "require_encoder", "sampler_name", "to_uint8"]
 
@@ -57,9 +58,14 @@ def build_pipeline(config, *, clip_id: str, clip_tokens: int, sampler: str | Non
         vae_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["vae"].items()}
         with torch.device(device):
             vae = AutoencoderKL(**vae_cfg)
+    token_map = None
+    if cfg.get("token_map"):
+        with torch.device(device):
+            token_map = TokenMap(clip_tokens, unet.config.cross_attention_dim, unet.config.sample_size,
+                                 **cfg["token_map"])
     micro = cfg.get("micro_conditioning", {})
     scheduler = make_scheduler(sampler or cfg["sampling"]["sampler"], cfg["schedule"])
-    return MindEyeUnCLIPPipeline(unet, scheduler, vae, clip_id=clip_id, clip_tokens=clip_tokens,
+    return MindEyeUnCLIPPipeline(unet, scheduler, vae, token_map, clip_id=clip_id, clip_tokens=clip_tokens,
                                  original_size=tuple(micro.get("original_size", (768, 768))),
                                  crop_coords=tuple(micro.get("crop_coords", (0, 0))))
 

@@ -1,9 +1,11 @@
 """`MindEyeUnCLIPPipeline`: CLIP image tokens (B, L, D) -> images, the diffusers way.
 
 Components: `unet` (a `UNet2DConditionModel`, `mindeye.generator.unet`), `scheduler` (any diffusers
-sampler, `mindeye.generator.schedulers`) and an optional `vae` (`AutoencoderKL`). Without a VAE the
-UNet works in pixel space ([-1, 1], 3 channels), which is what the synthetic world's small generator
-does; with one it works on the VAE's scaled latents, as SDXL does. The folder format is diffusers'
+sampler, `mindeye.generator.schedulers`), an optional `vae` (`AutoencoderKL`) and an optional
+`token_map` (`mindeye.generator.token_map`: the tokens read out into a rough picture that the UNet
+gets as extra input channels; the world's generators have one, MindEye2's unCLIP does not). Without
+a VAE the UNet works in pixel space ([-1, 1], 3 channels), which is what the synthetic world's small
+generators do; with one it works on the VAE's scaled latents, as SDXL does. The folder format is diffusers'
 own (`save_pretrained` / `from_pretrained`, local folders only), and the pipeline config records
 which CLIP encoder the tokens must come from (`clip_id`), so a generator refuses another encoder's.
 
@@ -69,19 +71,22 @@ def guidance_embedding(scale_b: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class MindEyeUnCLIPPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "token_map->unet->vae"
+    _optional_components = ["vae", "token_map"]
 
-    def __init__(self, unet, scheduler, vae=None, clip_id: str = "unknown", clip_tokens: int | None = None,
-                 original_size: tuple[int, int] | list[int] = (768, 768),
+    def __init__(self, unet, scheduler, vae=None, token_map=None, clip_id: str = "unknown",
+                 clip_tokens: int | None = None, original_size: tuple[int, int] | list[int] = (768, 768),
                  crop_coords: tuple[int, int] | list[int] = (0, 0)):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, token_map=token_map)
         self.register_to_config(clip_id=clip_id, clip_tokens=clip_tokens, original_size=list(original_size),
                                 crop_coords=list(crop_coords))
-        if vae is None and unet.config.in_channels != 3:
-            raise ValueError(f"a pixel-space generator (no VAE) needs a 3-channel UNet, got "
-                             f"{unet.config.in_channels} channels")
+        sample = vae.config.latent_channels if vae is not None else 3
+        extra = token_map.config.out_channels if token_map is not None else 0
+        if unet.config.out_channels != sample or unet.config.in_channels != sample + extra:
+            raise ValueError(f"the UNet takes {unet.config.in_channels} channels and gives {unet.config.out_channels}; "
+                             f"this pipeline denoises {sample} ({'VAE latents' if vae is not None else 'pixels'}) "
+                             f"and adds {extra} token-map channels: it needs {sample + extra} in, {sample} out")
 
     @property
     def vae_scale_factor(self) -> int:
@@ -100,6 +105,17 @@ class MindEyeUnCLIPPipeline(DiffusionPipeline):
     def is_student(self) -> bool:
         """Distilled with guidance folded in: takes the guidance scale as an embedding, one UNet call a step."""
         return self.unet.config.time_cond_proj_dim is not None
+
+    @property
+    def sample_channels(self) -> int:
+        """Channels of what the UNet denoises (its input adds the token map's)."""
+        return self.unet.config.out_channels
+
+    def denoiser_input(self, x_bchw: torch.Tensor, tokens_bld: torch.Tensor) -> torch.Tensor:
+        """The UNet's input for samples x and their tokens: x, then the tokens' map when there is a token map."""
+        if self.token_map is None:
+            return x_bchw
+        return torch.cat((x_bchw, self.token_map(tokens_bld).to(x_bchw.dtype)), dim=1)
 
     def check_tokens(self, image_tokens_bld: torch.Tensor, clip_id: str | None = None) -> None:
         n_tokens, dim = self.token_shape
@@ -162,7 +178,7 @@ class MindEyeUnCLIPPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        shape = (batch, self.sample_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         if strength < 1.0:
             skip = min(int(round(num_inference_steps * (1 - strength))), num_inference_steps - 1)
@@ -176,7 +192,7 @@ class MindEyeUnCLIPPipeline(DiffusionPipeline):
 
         for t in self.progress_bar(timesteps):
             model_in = torch.cat((latents, latents)) if use_cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
+            model_in = self.denoiser_input(self.scheduler.scale_model_input(model_in, t), tokens_bld)
             predicted = self.unet(model_in, t, encoder_hidden_states=tokens_bld, added_cond_kwargs=added,
                                   timestep_cond=timestep_cond).sample
             if use_cfg:

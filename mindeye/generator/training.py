@@ -82,6 +82,8 @@ def preview_grid(pipe, embedder, images_bhw3: np.ndarray, path: Path, *, steps: 
 def save_generator_folder(pipe, path: Path, *, half: bool) -> Path:
     """`pipe` as a generator folder, its UNet in float16 when `half` (half the size; loads as float32)."""
     pipe.unet.eval()
+    if pipe.token_map is not None:
+        pipe.token_map.eval()
     if half:
         pipe.unet.half()
     pipe.save_pretrained(path, safe_serialization=True)
