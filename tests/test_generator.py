@@ -21,6 +21,8 @@ from mindeye.config import CONFIG_DIR, load_config
 from mindeye.errors import MissingFileError
 from mindeye.generator import (
     SAMPLERS,
+    MindEyeUnCLIPPipeline,
+    TokenMap,
     build_pipeline,
     build_unet,
     load_pipeline,
@@ -29,6 +31,7 @@ from mindeye.generator import (
     sampler_name,
 )
 from mindeye.generator.pipeline import guidance_embedding
+from offline_training.train_generator import diffusion_loss
 
 from conftest import SMALL_UNET, assert_resumed_like_uninterrupted, read_log, unet_weights  # tests/conftest.py
 
@@ -164,6 +167,48 @@ def test_micro_conditioning_ids_are_size_and_crop_per_row_with_no_pooled_text():
     ids = micro_conditioning_ids(3, (64, 48), (2, 5))
     assert torch.equal(ids["time_ids"], torch.tensor([[64.0, 48.0, 2.0, 5.0]] * 3))
     assert ids["text_embeds"].shape == (3, 0)
+
+
+# --- the token map ------------------------------------------------------------------------------------------
+
+def test_the_token_map_paints_each_token_into_its_own_patch_in_the_vits_row_major_order():
+    token_map = TokenMap(n_tokens=4, token_dim=D, sample_size=8)  # a 2 x 2 grid of 4 x 4 patches
+    torch.nn.init.zeros_(token_map.unpatchify.bias)
+    for j in range(4):
+        only_j = torch.zeros(1, 4, D)
+        only_j[0, j] = torch.randn(D, generator=torch.Generator().manual_seed(j))
+        painted = token_map(only_j)[0].abs().sum(dim=0) > 0  # (8, 8)
+        expected = torch.zeros(8, 8, dtype=torch.bool)
+        expected[4 * (j // 2):4 * (j // 2) + 4, 4 * (j % 2):4 * (j % 2) + 4] = True
+        assert torch.equal(painted, expected)
+
+
+def test_a_token_map_needs_a_square_grid_dividing_the_sample_and_the_unet_its_channels(small_cfg):
+    for n_tokens, size in ((5, 8), (16, 10)):
+        with pytest.raises(ValueError, match="square token grid"):
+            TokenMap(n_tokens=n_tokens, token_dim=D, sample_size=size)
+    with pytest.raises(ValueError, match="takes 4 tokens"):
+        TokenMap(n_tokens=4, token_dim=D, sample_size=8)(torch.zeros(1, 9, D))
+    three_channels = build_unet({**small_cfg["unet"], "in_channels": 3})
+    with pytest.raises(ValueError, match="needs 6 in, 3 out"):
+        MindEyeUnCLIPPipeline(three_channels, make_scheduler("euler", small_cfg["schedule"]),
+                              token_map=TokenMap(n_tokens=L, token_dim=D, sample_size=8), clip_id=CLIP_ID)
+
+
+def test_the_training_loss_adds_the_token_maps_error_on_the_rows_that_kept_their_tokens(pipe, small_cfg):
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    x, schedule = tokens(batch=4), make_scheduler("ddpm", small_cfg["schedule"])
+    losses = {}
+    for weight in (0.0, 2.0):
+        torch.manual_seed(5)
+        losses[weight] = diffusion_loss(pipe, schedule, images, x, cond_drop_prob=0.0, snr_gamma=5.0,
+                                        token_map_loss=weight)
+    map_error = torch.nn.functional.mse_loss(pipe.token_map(x), pipe.encode_images(images))
+    torch.testing.assert_close(losses[2.0] - losses[0.0], 2.0 * map_error)
+    torch.manual_seed(5)
+    all_dropped = diffusion_loss(pipe, schedule, images, x, cond_drop_prob=1.0, snr_gamma=5.0, token_map_loss=2.0)
+    torch.manual_seed(5)
+    assert all_dropped == diffusion_loss(pipe, schedule, images, x, cond_drop_prob=1.0, snr_gamma=5.0)
 
 
 # --- classifier-free guidance and the student ---------------------------------------------------------------
