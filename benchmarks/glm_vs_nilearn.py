@@ -10,10 +10,10 @@ nilearn is fitted at each trial's horizon (onset + post_s, the volume our beta i
 see the same volumes. Timings are of this machine; compare the ratios. OPENBLAS_NUM_THREADS=1 puts
 both on one thread (nilearn's n_jobs is 1), the like-for-like comparison on a shared machine.
 
-`--sweep` prints instead the settings sweep behind the defaults of `OnlineGLMSettings`.
+The sweep behind `OnlineGLMSettings`' defaults, and the comparison under per-voxel drift on a simulator
+of its own, are `benchmarks/glm_drift.py`'s.
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/glm_vs_nilearn.py [--voxels 15000] [--seed 0]
-    .venv/bin/python benchmarks/glm_vs_nilearn.py --sweep
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def summary(c_n: np.ndarray) -> str:
 def compare(n_voxels: int, seed: int, n_nilearn: int) -> None:
     settings = OnlineGLMSettings(tr=TR)
     print(f"run: {N_VOLUMES} volumes at TR {TR:.3f} s, {N_TRIALS} trials, {n_voxels} voxels, seed {seed}; "
-          f"ours: post_s {settings.post_s}, half_life_s {settings.half_life_s}")
+          f"ours: post_s {settings.post_s}, drift_per_s {settings.drift_per_s}, response_sd {settings.response_sd}")
     ts_tv, onsets_n, truth_nv = simulate_run(n_voxels, seed)
     reports, seconds_t, ops_t, parameters_t, report_seconds_n = run_incremental(ts_tv, onsets_n, settings)
     ours_nv = np.stack([reports[i].beta_v for i in range(N_TRIALS)])
@@ -172,63 +172,14 @@ def compare(n_voxels: int, seed: int, n_nilearn: int) -> None:
           + ", mean row ops " + " / ".join(f"{ops_t[t].mean():.1f}" for t in thirds))
 
 
-def window_lss(ts_tv: np.ndarray, onsets_n: np.ndarray, pre_s: float, post_s: float) -> np.ndarray:
-    """The design this module does not use: per trial, OLS on the volumes in [onset - pre_s, onset + post_s]
-    with [its regressor, the sum of the others, constant, linear]; (n_trials, V) % of the fitted level."""
-    regressors_tn = trial_regressors(onsets_n, 3.0, len(ts_tv), TR)
-    pct_nv = np.empty((len(onsets_n), ts_tv.shape[1]))
-    for i, onset in enumerate(onsets_n):
-        rows = np.arange(max(0, int(np.ceil((onset - pre_s) / TR))), min(len(ts_tv), int((onset + post_s) / TR) + 1))
-        drift_rk = np.column_stack([np.ones(rows.size), np.linspace(-1, 1, rows.size)])
-        own_r = regressors_tn[rows, i]
-        design_rp = np.column_stack([own_r, regressors_tn[rows].sum(axis=1) - own_r, drift_rk])
-        coef_pv = np.linalg.lstsq(design_rp, ts_tv[rows], rcond=None)[0]
-        pct_nv[i] = 100 * coef_pv[0] / (drift_rk @ coef_pv[2:]).mean(axis=0)
-    return pct_nv
-
-
-def sweep(n_voxels: int, n_runs: int) -> None:
-    """Median (and 5th percentile) over trials of the correlation with the truth, mean over runs."""
-    posts, half_lives = [6.0, 8.0, 10.0, 12.0, 16.0], [15.0, 30.0, 60.0, np.inf]
-    scenarios = {"1% noise, 2% drift": (1.0, 2.0), "1% noise, 5% drift": (1.0, 5.0), "2% noise, 2% drift": (2.0, 2.0)}
-    print(f"sweep: {n_runs} runs x {n_voxels} voxels; cells: median / 5th percentile over trials of the "
-          f"correlation with the truth; columns half_life_s {half_lives}")
-    for name, (noise_pct, drift_pct) in scenarios.items():
-        runs = [simulate_run(n_voxels, seed, noise_pct, drift_pct) for seed in range(n_runs)]
-        lsa = [corr_per_trial(fit_lsa(ts, trial_regressors(on, 3.0, N_VOLUMES, TR), drift_basis(N_VOLUMES, TR))
-                              .percent_signal_change(), truth) for ts, on, truth in runs]
-        print(f"{name}: full-run fit_lsa {np.mean([np.median(c) for c in lsa]):.3f}")
-        for pre_s, post_s in [(0.0, 12.0), (4.0, 16.0), (20.0, 16.0)]:
-            c = [corr_per_trial(window_lss(ts, on, pre_s, post_s), truth) for ts, on, truth in runs]
-            print(f"  local-window LSS, {pre_s:.0f} s before to {post_s:.0f} s after the onset: "
-                  f"{np.mean([np.median(x) for x in c]):.3f}/{np.mean([np.percentile(x, 5) for x in c]):.2f}")
-        for post_s in posts:
-            cells = []
-            for half_life_s in half_lives:
-                settings = OnlineGLMSettings(tr=TR, post_s=post_s, half_life_s=half_life_s)
-                c = []
-                for ts_tv, onsets_n, truth_nv in runs:
-                    reports = run_incremental(ts_tv, onsets_n, settings)[0]
-                    c.append(corr_per_trial(np.stack([reports[i].beta_pct_v for i in range(N_TRIALS)]), truth_nv))
-                cells.append(f"{np.mean([np.median(x) for x in c]):.3f}/"
-                             f"{np.mean([np.percentile(x, 5) for x in c]):.2f}")
-            print(f"  post_s {post_s:4.1f}: " + "  ".join(cells))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--voxels", type=int, default=15000, help="ROI voxels (default 15000, NSD scale)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic run")
     parser.add_argument("--nilearn-trials", type=int, default=N_TRIALS,
                         help=f"trials to refit with nilearn, evenly spaced, the last included (default all {N_TRIALS})")
-    parser.add_argument("--sweep", action="store_true", help="print the post_s x half_life_s sweep instead")
-    parser.add_argument("--sweep-voxels", type=int, default=1000, help="voxels per run in the sweep")
-    parser.add_argument("--sweep-runs", type=int, default=3, help="runs per scenario in the sweep")
     args = parser.parse_args()
-    if args.sweep:
-        sweep(args.sweep_voxels, args.sweep_runs)
-    else:
-        compare(args.voxels, args.seed, max(1, args.nilearn_trials))
+    compare(args.voxels, args.seed, max(1, args.nilearn_trials))
 
 
 if __name__ == "__main__":

@@ -21,18 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from live_vs_offline_decoding import SUBJECT, SUBJECT_NAME, offline_betas, train_checkpoint  # noqa: E402
 
-from mindeye.config import load_config  # noqa: E402
+from mindeye.config import CONFIG_DIR, load_config  # noqa: E402
 from mindeye.models import load_calibration, load_checkpoint  # noqa: E402
 from mindeye.nsd import ExpDesign, NSDLayout  # noqa: E402
 from mindeye.targets import build_target_cache  # noqa: E402
 from realtime.backends import RetrievalBank, TorchBackend  # noqa: E402
 from realtime.calibrate import live_betas, live_calibration  # noqa: E402
 
-GLM = {"post_s": 12.0, "half_life_s": 30.0}  # configs/realtime.yaml's glm
+GLM = dict(OmegaConf.load(CONFIG_DIR / "glm" / "live.yaml"))  # the service's GLM settings
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
     sessions = list(range(1, design.stim_pattern.shape[0] + 1))
     trials = design.trials(SUBJECT, sessions)
     checkpoint = args.checkpoint or train_checkpoint(root, args.out.resolve() / "train")
-    live_nv = np.concatenate([live_betas(root, SUBJECT, s, **GLM) for s in sessions])
+    live_nv = np.concatenate([live_betas(root, SUBJECT, s, GLM) for s in sessions])
     offline_nv = offline_betas(layout, trials, design.trials_per_session)
     r = np.median([np.corrcoef(a, b)[0, 1] for a, b in zip(live_nv, offline_nv)])  # also checks the trial order
     test, shared = trials.is_test, np.asarray(design.shared_images)
@@ -70,7 +71,7 @@ def main() -> None:
     top1("offline betas, training calibration", trained, offline_nv)
     top1("live betas, training calibration (offline-GLM statistics)", trained, live_nv)
     for calibration_sessions in ([1], [4], [1, 2, 3, 4]):
-        per = [live_calibration(root, [SUBJECT], s, **GLM)[SUBJECT_NAME] for s in calibration_sessions]
+        per = [live_calibration(root, [SUBJECT], s, GLM)[SUBJECT_NAME] for s in calibration_sessions]
         live = {SUBJECT_NAME: (np.mean([m for m, _ in per], 0), np.mean([s for _, s in per], 0))}
         top1(f"live betas, live calibration of session(s) {calibration_sessions}", live, live_nv)
     n = len(trained[SUBJECT_NAME][0])

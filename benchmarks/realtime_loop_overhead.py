@@ -200,8 +200,7 @@ class IngestPath:
         glm_ms = 0.0
         for step in steps:
             if isinstance(step, StartRun):
-                settings = OnlineGLMSettings(step.run.tr_s, post_s=SERVICE_DEFAULTS.post_s,
-                                             half_life_s=SERVICE_DEFAULTS.half_life_s, grace_volumes=1)
+                settings = OnlineGLMSettings(step.run.tr_s, **SERVICE_DEFAULTS.glm, grace_volumes=1)
                 self.pipelines[step.run.key] = RunPipeline(step.run, self.rois.n_voxels(step.run.subject), settings)
             elif isinstance(step, AddEvents):
                 self.pipelines[step.run.key].add_events(step.events)

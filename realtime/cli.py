@@ -69,7 +69,7 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
         curve = CurveServer(context, cfg.curve.secret_key_file, cfg.curve.allowed_clients_dir)
     settings = ServiceSettings(out_dir=Path(cfg.out_dir), volumes_endpoint=cfg.endpoints.volumes,
                                results_endpoint=cfg.endpoints.results, journal_fsync=cfg.journal_fsync,
-                               gap_wait_s=cfg.gap_wait_s, post_s=cfg.glm.post_s, half_life_s=cfg.glm.half_life_s,
+                               gap_wait_s=cfg.gap_wait_s, glm=dict(cfg.glm),
                                max_pending=cfg.decode.max_pending, max_batch=cfg.decode.max_batch,
                                late_after_ms=cfg.decode.late_after_ms, resume_hold_s=cfg.resume_hold_s,
                                allow_insecure=cfg.allow_insecure)

@@ -1,50 +1,39 @@
 """The realtime service's single-trial GLM: one beta map per trial as soon as its response has
 arrived, for the same work per volume at the start of a run as at its end.
 
-Model. At a trial's horizon h (the last volume at or before onset + `post_s`) its beta is the
-least-squares-all (LSA) estimate from every volume k <= h that arrived, each weighted by
-decay^(h - k) with decay = 0.5^(tr / half_life_s). The columns are a constant (the signal level;
-the weighting makes it a local level that follows slow drift) and every trial whose regressor is
-nonzero on those volumes, with regressors exactly as `mindeye.glm` makes them (boxcar * SPM
-canonical HRF, peak 1, volume k at t = k tr). The beta is in percent of the constant's
-coefficient, which is the model's baseline, as in `GLMResult.percent_signal_change`.
-`reference_betas` computes this from a whole array, one weighted lstsq per trial;
-`IncrementalGLM` gets the same numbers (allclose 1e-6, tests/test_realtime_glm.py) one volume
-at a time.
+Model. Each voxel's signal is a level that drifts as a random walk (`drift_per_s` of the noise
+variance a second; NSD's time series are not high-pass filtered and drift differently in every
+voxel), plus every trial's regressor times its response, plus white noise. A trial's response
+is the voxel's mean response plus the trial's own deviation, with a normal prior on the deviation
+(`response_sd` noise SDs): the data decide the mean response, and a trial whose regressor is
+nearly collinear with its neighbours' (trials back to back) is pulled toward it rather than
+fitted to noise. Regressors are exactly as `mindeye.glm` makes them (boxcar * SPM canonical
+HRF, peak 1, volume k at t = k tr). At a trial's horizon h (the last volume at or before
+onset + `post_s`) its beta is the posterior mean given every volume k <= h that arrived (the GLS
+estimate under that covariance), in percent of the level at h, as in
+`GLMResult.percent_signal_change`. `reference_betas` computes it from a whole array with dense
+GLS; `IncrementalGLM` gets the same numbers (allclose 1e-6, tests/test_realtime_glm.py) one
+volume at a time. The settings are in units of each voxel's noise, so one filter serves every
+voxel and the betas do not depend on a voxel's scale. docs/realtime.md has the measured accuracy
+against nilearn's refits under drift, and the sweep behind the defaults
+(`benchmarks/glm_drift.py`).
 
-Why not LSS on a short window around each trial? On NSD timing (a 3-s image every 4 s, ~10 %
-blank slots) the summed response of the neighbouring trials is nearly constant over any 20 s,
-so a local constant absorbs it, and the per-voxel mean response is identified only by blank
-periods seconds to minutes away. Numbers from `benchmarks/glm_vs_nilearn.py --sweep` (3 runs of
-226 volumes, 1000 voxels, 1 % AR(1) noise, 2 % drift, the world's scanner model) give the
-median over trials of the per-trial correlation with the true responses. LSS on [onset - 4 s,
-onset + 16 s] with a constant and a linear trend scores 0.35, and 0.58 from 20 s before the
-onset. Full-run `fit_lss` scores 0.77 and full-run `fit_lsa` 0.89 (the world's betas use it).
-This model scores 0.89 (5th percentile 0.87) while seeing only the volumes up to each horizon.
-Real-time MindEye's nilearn LSS refit on all volumes so far scores 0.81 (the benchmark's main
-output).
-
-Defaults, from the same sweep. post_s = 12: 0.891 against 0.874 at 8-10 s and 0.62 at 6 s, and
-no gain at 16 s (0.892). half_life_s = 30: within 0.01 of the best half-life with 1 % or 2 %
-noise, and 0.85 against 0.81 at 60 s and 0.75 with no forgetting when the drift is 5 %.
-
-Constant work. The fit is kept in information form over the parameters still in play, which
-are the level and the trials whose response overlaps the newest volume (at most ~10 on NSD
-timing): A = sum_k w_k c_k c_k' (p x p) and B = sum_k w_k c_k y_k' (p x V). A volume costs one
-rank-1 update, O(p V). A trial whose response has ended is removed by its Schur complement,
-which is exact because no later volume involves it. A report solves a p x p system and applies
-two rows of its inverse to B, O(p V). The work does not grow with the run, nor does the
-memory: B, a reorder buffer of at most `grace_volumes` volumes, and a 16-byte digest per volume
-for the duplicate check. `counters.voxel_row_ops` counts the (V,) row operations. At 15,000
-voxels a volume takes ~0.5 ms, 800 times less than nilearn's refit for a run's last trial
-(both on one CPU thread).
+Constant work. The fit is an information filter over the parameters still in play: the level,
+the mean response and the trials whose response overlaps the newest volume (at most ~10 on NSD
+timing): the information matrix A (p x p) and vector B (p x V). A volume costs the level's walk
+(a rank-1 downdate of A, B <- B - g a B_0) and one rank-1 update, O(p V). A trial whose response
+has ended is removed by its Schur complement, which is exact because no later volume involves
+it. A report solves a p x p system and applies two rows of its inverse to B, O(p V). The work
+does not grow with the run, nor does the memory: B, a reorder buffer of at most `grace_volumes`
+volumes, and a 16-byte digest per volume for the duplicate check. `counters.voxel_row_ops`
+counts the (V,) row operations.
 
 Faults. Volumes are folded in in index order. A volume is missing if it has not come by the
 time a volume `grace_volumes` later has arrived. Its row is dropped (as `valid_t` in
 `mindeye.glm`), and the trials whose response window holds it say so in their diagnostics. If
 it comes later, it is logged and dropped, so every trial sees the same missing set. Trials
-fitted before a fault are untouched. Later ones feel it with the weights, fading over a few
-half-lives. A duplicate with the same data is ignored. A duplicate with different data is a
+fitted before a fault are untouched. Later ones feel it less the further the level has walked
+since. A duplicate with the same data is ignored. A duplicate with different data is a
 ValueError, and the first copy stays in use: a scanner never rewrites a volume, so two copies
 that differ mean a broken pipeline. Trials may be announced during the run, but before the
 volume that first holds their response is folded in (else a ValueError); the model of every
@@ -71,17 +60,21 @@ _MAX_CONDITION = 1e10  # a report whose (scaled) normal equations are worse cond
 
 @dataclass(frozen=True)
 class OnlineGLMSettings:
-    """When a trial's beta is reported, and how far back the fit looks.
+    """When a trial's beta is reported, and the model it comes from.
 
     `post_s`: the beta is reported once the volume at or before onset + post_s is in; the
-    canonical response to a 3-s image peaks ~6 s after onset. `half_life_s`: a volume's weight
-    halves every half_life_s seconds it lies before the horizon. `grace_volumes`: a volume is
-    missing once one this many volumes later has arrived (the most reordering tolerated).
+    canonical response to a 3-s image peaks ~6 s after onset. `drift_per_s`: the variance the
+    signal level gains per second (a random walk), in units of the noise variance; 0 keeps one
+    constant level for the run. `response_sd`: how far a trial's response lies from the voxel's
+    mean response (the spread of the prior on it), in noise standard deviations; large values
+    approach unshrunk LSA. `grace_volumes`: a volume is missing once one this many volumes later
+    has arrived (the most reordering tolerated).
     """
 
     tr: float
     post_s: float = 12.0
-    half_life_s: float = 30.0
+    drift_per_s: float = 0.1
+    response_sd: float = 3.0
     grace_volumes: int = 3
 
     def __post_init__(self):
@@ -89,15 +82,21 @@ class OnlineGLMSettings:
             raise ValueError(f"tr must be a positive number of seconds, got {self.tr}")
         if not (np.isfinite(self.post_s) and 0 < self.post_s <= HRF_SECONDS):
             raise ValueError(f"post_s must be in (0, {HRF_SECONDS}] s, got {self.post_s}")
-        if not (self.half_life_s > 0):  # inf is allowed: no forgetting
-            raise ValueError(f"half_life_s must be > 0 s (inf: no forgetting), got {self.half_life_s}")
+        if not (np.isfinite(self.drift_per_s) and self.drift_per_s >= 0):
+            raise ValueError(f"drift_per_s must be a finite number >= 0, got {self.drift_per_s}")
+        if not (np.isfinite(self.response_sd) and self.response_sd > 0):
+            raise ValueError(f"response_sd must be a finite number > 0, got {self.response_sd}")
         if not (isinstance(self.grace_volumes, (int, np.integer)) and self.grace_volumes >= 1):
             raise ValueError(f"grace_volumes must be an integer >= 1, got {self.grace_volumes!r}")
 
+    def drift_variance(self, n_volumes: int | np.ndarray) -> float | np.ndarray:
+        """What the level's variance grows by over n volumes, in units of the noise variance."""
+        return self.drift_per_s * self.tr * n_volumes
+
     @property
-    def decay(self) -> float:
-        """The weight of a volume relative to the next one."""
-        return 0.5 ** (self.tr / self.half_life_s)
+    def response_precision(self) -> float:
+        """The prior's information on a trial's deviation from the mean response."""
+        return 1.0 / self.response_sd**2
 
     def horizon_volume(self, onset_s: float) -> int:
         """The last volume of a trial's fit: the one at or before onset + post_s."""
@@ -132,10 +131,12 @@ def reference_betas(
 ) -> GLMResult:
     """Every trial's beta and baseline as `IncrementalGLM` reports them, from the whole array.
 
-    Trial i: weighted lstsq on the valid volumes k <= h_i = min(its horizon, n_volumes - 1),
-    weights decay^(h_i - k), columns a constant and every trial nonzero on those volumes.
-    `valid_t` (n_volumes,) bool marks the volumes that arrived. The test oracle: O(n_volumes)
-    work per trial. Raises ValueError for a trial whose design is rank-deficient.
+    Trial i: dense GLS on the valid volumes k <= h_i = min(its horizon, n_volumes - 1), with columns
+    a constant, the sum of the trials and every trial nonzero on those volumes, covariance white
+    noise + the level's random walk from the first valid volume, and the prior's information on
+    each trial's deviation; its beta is the mean response + its deviation, its baseline the constant
+    + the walk's prediction at h_i. `valid_t` (n_volumes,) bool marks the volumes that arrived. The
+    test oracle, written apart from the filter: O(n_volumes^3) work per trial.
     """
     y_tv = np.asarray(timeseries_tv, dtype=float)
     if y_tv.ndim != 2:
@@ -163,15 +164,22 @@ def reference_betas(
         in_model = np.flatnonzero((regressors_tn[rows_r] != 0).any(axis=0))
         if i not in in_model:
             raise ValueError(f"trial {i}: no valid volume up to its horizon (volume {horizon}) holds its response")
-        sqrt_weight_r1 = (settings.decay ** ((horizon - rows_r) / 2.0))[:, None]
-        design_rp = np.column_stack([np.ones(rows_r.size), regressors_tn[np.ix_(rows_r, in_model)]]) * sqrt_weight_r1
-        norm_p = np.linalg.norm(design_rp, axis=0)  # unit columns: the rank test then sees collinearity, not scale
-        coef_pv, _, rank, _ = np.linalg.lstsq(design_rp / norm_p, y_tv[rows_r] * sqrt_weight_r1, rcond=None)
-        if rank < design_rp.shape[1]:
-            raise ValueError(f"trial {i}: rank-deficient design ({rank} < {design_rp.shape[1]} columns)")
-        coef_pv /= norm_p[:, None]
-        baseline_nv[i] = coef_pv[0]
-        betas_nv[i] = coef_pv[1 + int(np.searchsorted(in_model, i))]
+        trials_rm = regressors_tn[np.ix_(rows_r, in_model)]
+        design_rp = np.column_stack([np.ones(rows_r.size), trials_rm.sum(axis=1), trials_rm])
+        # the level's random walk from the first valid volume on, plus white noise of unit variance
+        walked_r = settings.drift_variance(rows_r - rows_r[0])
+        covariance_rr = np.minimum.outer(walked_r, walked_r) + np.eye(rows_r.size)
+        whiten = np.linalg.cholesky(covariance_rr)
+        design_w = np.linalg.solve(whiten, design_rp)
+        data_w = np.linalg.solve(whiten, y_tv[rows_r])
+        prior_pp = np.diag([0.0, 0.0] + [settings.response_precision] * in_model.size)
+        info_pp = design_w.T @ design_w + prior_pp
+        coef_pv = np.linalg.solve(info_pp, design_w.T @ data_w)
+        # the level at the horizon: the constant plus the walk's prediction at the last valid volume
+        residual_w = data_w - design_w @ coef_pv
+        walk_v = np.linalg.solve(whiten.T, residual_w).T @ walked_r
+        baseline_nv[i] = coef_pv[0] + walk_v
+        betas_nv[i] = coef_pv[1] + coef_pv[2 + int(np.searchsorted(in_model, i))]
     return GLMResult(betas_nv, baseline_nv)
 
 
@@ -237,9 +245,9 @@ class IncrementalGLM:
         self._ids: set[Hashable] = set()
         self._waiting: list[_Trial] = []  # announced, not yet in the model; by first_volume
         self._unreported: list[_Trial] = []  # by onset (so by first_volume and horizon too)
-        self._active: list[_Trial] = []  # in the model, parameters 1.. (0 is the level)
-        self._info_pp = np.zeros((1, 1))  # A: weighted sum of c c' over the used volumes
-        self._moments_pv = np.zeros((1, self.n_voxels))  # B: weighted sum of c y'
+        self._active: list[_Trial] = []  # in the model, parameters 2.. (0 the level, 1 the mean response)
+        self._info_pp = np.zeros((2, 2))  # A: the information on the parameters (data and prior)
+        self._moments_pv = np.zeros((2, self.n_voxels))  # B: the information vector, one column a voxel
         self._pending: dict[int, np.ndarray] = {}  # arrived, not yet folded in; at most grace_volumes
         self._digests: dict[int, bytes | None] = {}  # every volume index seen: its digest, None if missing
         self._last_used = -1  # the last volume folded into A and B
@@ -301,7 +309,7 @@ class IncrementalGLM:
 
     @property
     def n_parameters(self) -> int:
-        """Rows of the state B: the level and the trials in play."""
+        """Rows of the state B: the level, the mean response and the trials in play."""
         return self._moments_pv.shape[0]
 
     @property
@@ -337,31 +345,46 @@ class IncrementalGLM:
             self._retire_ended(k)
 
     def _use(self, k: int, y_v: np.ndarray) -> None:
-        """Add volume k's row to A and B, after decaying them for the volumes since the last one."""
+        """Let the level walk to volume k, then add volume k's row to A and B."""
+        if self._last_used >= 0:
+            self._walk_level(self.settings.drift_variance(k - self._last_used))
         while self._waiting and self._waiting[0].first_volume <= k:
             trial = self._waiting.pop(0)
             if k <= trial.last_volume:  # else every volume of its response was missing: it never enters
                 self._activate(trial)
-        regressors_p = np.array([1.0] + [trial.value_at(k) for trial in self._active])
-        decay = self.settings.decay ** (k - self._last_used) if self._last_used >= 0 else 1.0
-        self._info_pp = decay * self._info_pp + np.outer(regressors_p, regressors_p)
-        self._moments_pv *= decay
+        trials_p = [trial.value_at(k) for trial in self._active]
+        regressors_p = np.array([1.0, sum(trials_p), *trials_p])
+        self._info_pp += np.outer(regressors_p, regressors_p)
         self._moments_pv += regressors_p[:, None] * y_v
-        self.counters.voxel_row_ops += 2 * regressors_p.size
+        self.counters.voxel_row_ops += regressors_p.size
         self.counters.volumes_used += 1
         self._last_used = k
 
+    def _walk_level(self, variance: float) -> None:
+        """The information filter's prediction step: the level (parameter 0) gains `variance`.
+        A <- (A^-1 + q e0 e0')^-1 = A - g a a' with a = A e0, g = q / (1 + q a_0), and B <- B - g a B_0,
+        which keeps A^-1 B; both forms hold for a singular A (no information on some parameters yet)."""
+        if variance == 0.0:
+            return
+        column_p = self._info_pp[:, 0].copy()
+        gain = variance / (1.0 + variance * column_p[0])
+        self._info_pp -= gain * np.outer(column_p, column_p)
+        self._moments_pv -= np.outer(gain * column_p, self._moments_pv[0])
+        self.counters.voxel_row_ops += self._moments_pv.shape[0]
+
     def _activate(self, trial: _Trial) -> None:
-        """A new parameter with no information yet: a zero row and column in A, a zero row in B."""
+        """A new parameter, a trial's deviation from the mean response: the prior's information in A
+        (mean 0, variance response_sd^2), a zero row in B."""
         self._active.append(trial)
         self._info_pp = np.pad(self._info_pp, ((0, 1), (0, 1)))
+        self._info_pp[-1, -1] = self.settings.response_precision
         self._moments_pv = np.vstack([self._moments_pv, np.zeros(self.n_voxels)])
-        self.counters.voxel_row_ops += self._moments_pv.shape[0]
+        self.counters.voxel_row_ops += 1
 
     def _retire_ended(self, k: int) -> None:
         """Marginalise out reported trials whose response ended at or before volume k (Schur complement)."""
         for trial in [t for t in self._active if t.reported and t.last_volume <= k]:
-            j = 1 + self._active.index(trial)
+            j = 2 + self._active.index(trial)
             keep = np.arange(self._info_pp.shape[0]) != j
             coupling_r = self._info_pp[keep, j] / self._info_pp[j, j]
             self._info_pp = self._info_pp[np.ix_(keep, keep)] - np.outer(coupling_r, self._info_pp[j, keep])
@@ -397,8 +420,8 @@ class IncrementalGLM:
             return TrialBeta(beta_pct_v=None, beta_v=None, baseline_v=None, **diagnostics,
                              problem=f"collinear design (condition number {condition:.3g})")
         selector_p2 = np.zeros((self._info_pp.shape[0], 2))
-        selector_p2[0, 0] = 1.0
-        selector_p2[1 + self._active.index(trial), 1] = 1.0
+        selector_p2[0, 0] = 1.0  # the level now
+        selector_p2[[1, 2 + self._active.index(trial)], 1] = 1.0  # the mean response + the trial's deviation
         rows_2p = (scale_p[:, None] * np.linalg.solve(scaled_pp, scale_p[:, None] * selector_p2)).T  # of A^-1
         baseline_v, beta_v = rows_2p @ self._moments_pv
         self.counters.voxel_row_ops += 2 * self._info_pp.shape[0]

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import zmq
@@ -56,8 +57,7 @@ class ServiceSettings:
     results_endpoint: str = "tcp://127.0.0.1:5556"
     journal_fsync: str | int = "always"
     gap_wait_s: float | None = None  # None: one TR
-    post_s: float = 12.0  # a trial's beta is ready once the volume at onset + post_s is in
-    half_life_s: float = 30.0
+    glm: Mapping[str, float] = field(default_factory=dict)  # OnlineGLMSettings' fields but tr and grace_volumes
     max_pending: int = 64  # live trials waiting to decode before the oldest is skipped: latency vs completeness
     max_batch: int = 8
     late_after_ms: float | None = 2000.0
@@ -219,8 +219,7 @@ class RealtimeService:
         for step in steps:
             if isinstance(step, StartRun):
                 run = step.run
-                settings = OnlineGLMSettings(run.tr_s, post_s=self.settings.post_s,
-                                             half_life_s=self.settings.half_life_s, grace_volumes=1)
+                settings = OnlineGLMSettings(run.tr_s, **self.settings.glm, grace_volumes=1)
                 # grace 1: admission releases volumes in order, so a skipped index is already missing
                 self.runs[run.key] = _LiveRun(RunPipeline(run, self.rois.n_voxels(run.subject), settings))
                 log.info("run %d of session %s (%s) started", run.run, run.session, run.subject)

@@ -19,7 +19,7 @@ from realtime.glm import IncrementalGLM, OnlineGLMSettings
 def test_the_live_calibration_is_the_statistics_of_the_services_betas_and_the_backend_takes_it(
         tiny_world, checkpoint, tmp_path):
     root = tiny_world[0]
-    betas_nv = live_betas(root, 1, 2, post_s=12.0, half_life_s=30.0)
+    betas_nv = live_betas(root, 1, 2, {})
     # run 1 fed directly to the GLM, as tests/test_realtime_service.py's reference does: the same betas
     layout = NSDLayout(root)
     series = read_timeseries(layout.timeseries(1, 2, 1))

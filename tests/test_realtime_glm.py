@@ -14,7 +14,7 @@ from simulators.world.scanner import run_timeseries
 
 TR = 4.0 / 3.0
 N_VOLUMES = 226  # an NSD run: 75 4-s slots
-SETTINGS = OnlineGLMSettings(tr=TR)  # post_s 12, half-life 30 s, grace 3 volumes
+SETTINGS = OnlineGLMSettings(tr=TR)  # the defaults: post_s 12, grace 3 volumes
 
 
 def nsd_onsets(rng: np.random.Generator, n_slots: int = 75, n_trials: int = 62) -> np.ndarray:
@@ -96,12 +96,15 @@ def test_noiseless_run_gives_the_true_betas_and_baseline():
     betas_nv = 10.0 + 10.0 * rng.standard_normal((onsets_n.size, 30))
     baseline_v = 1000.0 + 50.0 * rng.standard_normal(30)
     ts_tv = baseline_v + trial_regressors(onsets_n, 3.0, N_VOLUMES, TR) @ betas_nv
-    reports = feed(glm_with_trials(30, onsets_n), list(range(N_VOLUMES)), ts_tv)
+    # the prior pulls each response toward the voxel's mean response by its weight against the data's:
+    # a vague prior lets the data speak alone (the drift, which noiseless data never show, is left as it is)
+    unshrunk = OnlineGLMSettings(tr=TR, response_sd=1e4)
+    reports = feed(glm_with_trials(30, onsets_n, unshrunk), list(range(N_VOLUMES)), ts_tv)
     assert sorted(reports) == list(range(onsets_n.size))
     for i, (beta, _) in reports.items():
-        np.testing.assert_allclose(beta.beta_v, betas_nv[i], rtol=0, atol=1e-6)
-        np.testing.assert_allclose(beta.baseline_v, baseline_v, rtol=1e-9)
-        np.testing.assert_allclose(beta.beta_pct_v, 100 * betas_nv[i] / baseline_v, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(beta.beta_v, betas_nv[i], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(beta.baseline_v, baseline_v, rtol=1e-8)
+        np.testing.assert_allclose(beta.beta_pct_v, 100 * betas_nv[i] / baseline_v, rtol=0, atol=1e-6)
         assert beta.problem is None and beta.missing_volumes == ()
 
 
@@ -240,7 +243,7 @@ def test_trials_before_a_fault_are_untouched_and_its_influence_fades(noisy_run):
     ])
     assert (change_n[lag_s_n < 0] == 0).all()  # fitted before the fault: bit for bit the same
     assert change_n[(lag_s_n >= 0) & (lag_s_n < 15)].max() > 0.01  # the fault does matter nearby...
-    assert change_n[lag_s_n > 90].max() < 0.02  # ...and fades with the weights (3 half-lives)
+    assert change_n[lag_s_n > 90].max() < 0.02  # ...and fades as the level walks on
 
 
 def test_work_and_memory_per_volume_do_not_grow_through_a_long_run():
@@ -260,7 +263,7 @@ def test_work_and_memory_per_volume_do_not_grow_through_a_long_run():
     filling = int(np.ceil((3.0 + 32.0) / TR))  # the volumes until the first trials' responses have ended
     first, last = ops_t[filling : n_volumes // 3], ops_t[-n_volumes // 3 :]
     assert 0.95 < last.mean() / first.mean() < 1.05  # a full refit would do ~4 times the work in the last third
-    max_parameters = 1 + int(np.ceil((3.0 + 32.0) / 4.0)) + 1  # the level and the trials whose responses overlap
+    max_parameters = 2 + int(np.ceil((3.0 + 32.0) / 4.0))  # level, mean response, trials whose responses overlap
     assert parameters_t.max() <= max_parameters
     assert ops_t.max() <= 7 * max_parameters  # fold in + add a trial + report + retire one, each O(p) rows
 
