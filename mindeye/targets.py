@@ -55,11 +55,15 @@ class TargetCache:
         return self.codec.channels, self.codec.latent_size, self.codec.latent_size
 
     def get(self, image_ids: np.ndarray, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """float32 tokens (n, L, D) and low-level latents (n, C, S, S) for `image_ids` (any order).
+        """float32 tokens (n, L, D) and low-level latents (n, C, S, S) for `image_ids` (any order), computing
+        the rows no run has computed yet."""
+        self.compute(image_ids, progress)
+        return self.rows(image_ids).read(image_ids)
 
-        Reads with the file opened read-only (several processes may read at once, and a cache on a
-        read-only share works); opens it for writing only to compute rows no run has computed yet."""
-        image_ids = np.asarray(image_ids)
+    def compute(self, image_ids: np.ndarray, progress: bool = False) -> None:
+        """Fill the rows of `image_ids` that no run has computed yet. Checks with the file opened read-only
+        (several processes may read at once, and a cache on a read-only share works); opens it for writing
+        only to compute."""
         with self._open("r") as f:
             missing = np.setdiff1d(np.unique(image_ids), np.flatnonzero(f["computed"][:]))
         if len(missing):
@@ -71,9 +75,10 @@ class TargetCache:
                     f["tokens"][ids] = self.embedder.embed_array(images, batch_size=self.batch_size)
                     f["low_level"][ids] = self.codec.encode(images)
                     f["computed"][ids] = True
-        with self._open("r") as f:
-            return (read_rows(f["tokens"], image_ids).astype(np.float32),
-                    read_rows(f["low_level"], image_ids).astype(np.float32))
+
+    def rows(self, image_ids: np.ndarray) -> "TargetRows":
+        """A reader of the (computed) rows of `image_ids`, batch by batch."""
+        return TargetRows(self.path, image_ids, self._open)
 
     def _is_initialised(self) -> bool:
         if not self.path.is_file():
@@ -92,6 +97,32 @@ class TargetCache:
                     raise TimeoutError(f"{self.path}: locked by another process for over {LOCK_WAIT_S:.0f} s "
                                        f"(is a run computing targets there?)") from None
                 time.sleep(0.2)
+
+
+class TargetRows:
+    """The targets of a set of images, read from the cache file batch by batch: a process holds the rows of
+    one batch (float32), never the whole set (full NSD's bigG tokens are ~50 GB in float16). The file is
+    opened for each read, so no reader holds HDF5's lock while a run computes rows into the same cache."""
+
+    def __init__(self, path: Path, image_ids: np.ndarray, opener=None):
+        self.path = Path(path)
+        self.image_ids = np.unique(np.asarray(image_ids))  # int64 (n_images,), sorted
+        self._open = opener or (lambda mode: h5py.File(self.path, mode))
+        with self._open("r") as f:
+            not_computed = self.image_ids[~f["computed"][:][self.image_ids]]
+        if len(not_computed):
+            raise ValueError(f"{self.path}: the targets of images {not_computed[:5].tolist()} are not computed "
+                             "(TargetCache.compute them first)")
+
+    def read(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 tokens (n, L, D) and low-level latents (n, C, S, S) for `image_ids` (any order, repeats)."""
+        image_ids = np.asarray(image_ids)
+        rows = np.minimum(np.searchsorted(self.image_ids, image_ids), len(self.image_ids) - 1)
+        if np.any(self.image_ids[rows] != image_ids):
+            raise KeyError(f"images {np.setdiff1d(image_ids, self.image_ids)[:5]} are not in this target set")
+        with self._open("r") as f:
+            return (read_rows(f["tokens"], image_ids).astype(np.float32),
+                    read_rows(f["low_level"], image_ids).astype(np.float32))
 
 
 def target_clip_config(data_cfg):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -39,13 +40,14 @@ from mindeye.errors import ConfigValueError, MissingFileError, OutDirInUse
 from mindeye.metrics import retrieval_top1
 from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_calibration, save_checkpoint
 from mindeye.models.prior import check_sampler, draw_noise
-from mindeye.targets import build_target_cache
+from mindeye.targets import TargetRows, build_target_cache
 from offline_training.data import SubjectData, betas_units, load_subject
 from offline_training.evaluate import predict_test_set
 from offline_training.losses import (ContrastiveSchedule, Mixup, low_level_loss, mixco_loss, sample_mixup,
                                      soft_clip_loss, unit_rows)
 from offline_training.plots import plot_training_log
 
+logger = logging.getLogger(__name__)
 MODES = ("pretrain", "finetune", "scratch")
 STATE_DIR, CHECKPOINT_DIR = "train_state", "checkpoint"
 RESUME_IGNORED_KEYS = ("out_dir", "resume", "progress", "train.stop_after_epoch")  # may differ on resume
@@ -53,35 +55,47 @@ RESUME_IGNORED_KEYS = ("out_dir", "resume", "progress", "train.stop_after_epoch"
 
 # --- data ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
 class TargetTable:
-    """CLIP tokens and low-level latents of the images a run uses, in memory (float16, as the cache stores them)."""
+    """CLIP tokens and low-level latents of the images a run uses, read from the target cache batch by batch
+    (`mindeye.targets.TargetRows`): memory per process does not grow with the number of images."""
 
-    image_ids: np.ndarray  # int64 (n_images,), sorted
-    tokens: np.ndarray  # float16 (n_images, L, D)
-    low_level: np.ndarray  # float16 (n_images, C, S, S)
+    def __init__(self, rows: TargetRows):
+        self.rows = rows
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        return self.rows.image_ids
 
     def get(self, image_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (n, L, D) and (n, C, S, S) for `image_ids` (any order, repeats allowed)."""
-        rows = np.minimum(np.searchsorted(self.image_ids, image_ids), len(self.image_ids) - 1)
-        if np.any(self.image_ids[rows] != image_ids):
-            raise KeyError(f"images {np.setdiff1d(image_ids, self.image_ids)[:5]} are not in the target table")
-        return torch.from_numpy(self.tokens[rows]).float(), torch.from_numpy(self.low_level[rows]).float()
+        tokens, low_level = self.rows.read(image_ids)
+        return torch.from_numpy(tokens), torch.from_numpy(low_level)
 
 
 def load_targets(data_cfg: DictConfig, image_ids: np.ndarray, accelerator: Accelerator,
                  progress: bool) -> tuple[TargetTable, tuple[int, int], tuple[int, int, int]]:
-    """The targets of `image_ids`, computed into the on-disk cache by the main process first; the cache is
-    an hdf5 file opened for writing, so processes read it one at a time."""
+    """The targets of `image_ids`, computed into the on-disk cache by one process after another (writing
+    takes the hdf5 file's lock), then read per batch by each; logs each process's peak memory after."""
     ids = np.unique(image_ids)
     for rank in range(accelerator.num_processes):
         if rank == accelerator.process_index:
             cache = build_target_cache(data_cfg)
-            tokens, low_level = cache.get(ids, progress=progress and accelerator.is_main_process)
-            table = TargetTable(ids, tokens.astype(np.float16), low_level.astype(np.float16))
+            cache.compute(ids, progress=progress and accelerator.is_main_process)
             shapes = (tuple(cache.token_shape), tuple(cache.low_level_shape))
         accelerator.wait_for_everyone()
+    table = TargetTable(cache.rows(ids))
+    logger.info("process %d: targets of %d images read per batch from %s; peak memory so far %.0f MB",
+             accelerator.process_index, len(ids), cache.path, peak_rss_mb())
     return table, *shapes
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 class BatchPlan:
