@@ -102,7 +102,7 @@ class BatchPlan:
     """Which trials of each subject make global batch `step` of `epoch`, and which rows this process takes."""
 
     def __init__(self, train_sizes: list[int], batch_per_subject: int, num_processes: int, process_index: int,
-                 seed: int):
+                 seed: int, samples_per_epoch: int | None = None):
         if batch_per_subject < 1 or batch_per_subject % num_processes:
             raise ValueError(f"train.batch_per_subject={batch_per_subject} must be a positive multiple of the "
                              f"number of processes ({num_processes}): each process takes an equal share")
@@ -110,7 +110,14 @@ class BatchPlan:
             raise ValueError(f"train.batch_per_subject={batch_per_subject} exceeds a subject's training set "
                              f"(sizes {train_sizes})")
         self.sizes, self.batch, self.seed = train_sizes, batch_per_subject, seed
-        self.steps_per_epoch = max(train_sizes) // batch_per_subject
+        # An epoch: `samples_per_epoch` trials over all subjects (the official code's 750 x sessions), or, without
+        # it, one pass over the largest subject's training set.
+        global_batch = batch_per_subject * len(train_sizes)
+        if samples_per_epoch is not None and samples_per_epoch < global_batch:
+            raise ValueError(f"train.samples_per_epoch={samples_per_epoch} is less than one global batch "
+                             f"({global_batch} trials)")
+        self.steps_per_epoch = (samples_per_epoch // global_batch if samples_per_epoch is not None
+                                else max(train_sizes) // batch_per_subject)
         share = batch_per_subject // num_processes
 
         def rows_of(rank: int) -> np.ndarray:  # a process's rows: its share of every subject's block
@@ -500,7 +507,8 @@ def train(cfg: DictConfig) -> Path:
     prior_config = model.config.prior
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     plan = BatchPlan([len(s.train_voxels) for s in subjects], cfg.train.batch_per_subject,
-                     accelerator.num_processes, accelerator.process_index, cfg.seed)
+                     accelerator.num_processes, accelerator.process_index, cfg.seed,
+                     cfg.train.get("samples_per_epoch"))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # it cannot infer this without a DataLoader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = len(plan.local_rows)
     wrapped, optimizer = accelerator.prepare(TrainingModule(model), optimizer)

@@ -202,6 +202,18 @@ def test_batch_plan_splits_each_subjects_block_evenly_and_reorders_the_gathered_
         BatchPlan([40, 3], batch_per_subject=4, num_processes=1, process_index=0, seed=0)
 
 
+def test_samples_per_epoch_sets_the_steps_of_an_epoch_over_all_subjects_as_the_official_code():
+    # the official pretraining: 750 trials x 40 sessions an epoch in global batches of 6 x 7 subjects
+    plan = BatchPlan([9000] * 7, batch_per_subject=6, num_processes=1, process_index=0, seed=0,
+                     samples_per_epoch=30000)
+    assert plan.steps_per_epoch == 30000 // 42  # 714, not 9000 // 6 = 1500 (one pass over a subject)
+    order = BatchPlan([40, 25], batch_per_subject=4, num_processes=1, process_index=0, seed=0,
+                      samples_per_epoch=96).epoch_order(epoch=0)
+    assert [len(o) for o in order] == [48, 48]  # 12 steps of 4 from each subject: past one pass of the smaller
+    with pytest.raises(ValueError, match="less than one global batch"):
+        BatchPlan([40, 25], batch_per_subject=4, num_processes=1, process_index=0, seed=0, samples_per_epoch=7)
+
+
 def test_optimizer_does_not_decay_biases_and_normalisation_weights():
     model = build_model("tiny", voxels_per_subject={"subj01": 10})
     decay, no_decay = make_optimizer(model, lr=3e-4, weight_decay=0.01).param_groups
