@@ -7,6 +7,7 @@ what the official one did (its no-op mixer blocks included).
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from diffusers.models.autoencoders.vae import Decoder
 from torch import nn
 
 from mindeye.models import import_official_checkpoint, import_official_state_dict, load_config
+from mindeye.models.official_import import OFFICIAL_SETTINGS
+from mindeye.models.prior import cosine_alphas_cumprod
 
 H, N, D = 64, 16, 32  # hidden, tokens, token width (the tiny config)
 SUBJECTS = {"subj01": 40, "subj05": 50}  # official ridge.linears.0 and .1, in training order
@@ -23,8 +26,10 @@ HEADS, DIM_HEAD, ROTARY, FF_MULT, DEPTH = 2, 16, 8, 2, 1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def config():
-    return load_config("tiny", voxels_per_subject=SUBJECTS)
+def config(**prior):
+    """The tiny model with the official shape-neutral settings (decoder GroupNorm 32, relative distance 128)."""
+    return load_config("tiny", voxels_per_subject=SUBJECTS, low_level={"decoder_channels": [32, 32, 64],
+                       "norm_groups": 32}, prior={"rel_pos_max_distance": 128, **prior})
 
 
 def official_brain_network() -> nn.Module:
@@ -40,7 +45,7 @@ def official_brain_network() -> nn.Module:
     net.blin1 = nn.Linear(H, 8 * 2 * 2)
     net.bnorm = nn.GroupNorm(1, 8)
     net.bupsampler = Decoder(in_channels=8, out_channels=4, up_block_types=("UpDecoderBlock2D",) * 3,
-                             block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4)
+                             block_out_channels=(32, 32, 64), layers_per_block=1)  # official: default groups
     net.b_maps_projector = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.GroupNorm(1, 16), nn.ReLU(),
                                          nn.Conv2d(16, 16, 1, bias=True))
     with torch.no_grad():  # move every parameter off its initial value (LayerNorm biases included)
@@ -198,6 +203,43 @@ def test_schedule_mismatch_is_an_error(official):
     state[key] = state[key][:50]
     with pytest.raises(ValueError, match="not the cosine schedule of prior.timesteps=100"):
         import_official_state_dict(state, list(SUBJECTS), config())
+
+
+def test_paper_config_has_the_official_shape_neutral_settings():
+    paper = load_config("paper")
+    for setting, official in OFFICIAL_SETTINGS.items():
+        part, name = setting.split(".")
+        assert getattr(getattr(paper, part), name) == official.value, setting
+
+
+@pytest.mark.parametrize("setting, ours", [("low_level.norm_groups", 16), ("prior.rel_pos_max_distance", 64),
+                                           ("prior.timesteps", 50)])
+def test_shape_neutral_mismatch_is_refused(official, setting, ours):
+    _, _, state = official
+    for key in ("betas", "alphas_cumprod"):  # without its schedule the file cannot state its timesteps
+        del state[f"diffusion_prior.noise_scheduler.{key}"]
+    part, name = setting.split(".")
+    wrong = load_config(config(), **{part: {name: ours}})
+    setting_re, official_value = re.escape(setting), OFFICIAL_SETTINGS[setting].value
+    with pytest.raises(ValueError, match=rf"^{setting_re}={ours} but the official model used {official_value} "
+                                         rf".*paper\.yaml or set {setting_re}={official_value}$"):
+        import_official_state_dict(state, list(SUBJECTS), wrong)
+    import_official_state_dict(state, list(SUBJECTS), config())  # the official values import
+
+
+def test_timesteps_recorded_in_the_checkpoint_take_precedence(official):
+    _, _, state = official
+    state["diffusion_prior.noise_scheduler.alphas_cumprod"] = cosine_alphas_cumprod(50).float()
+    _, report = import_official_state_dict(state, list(SUBJECTS), config(timesteps=50))
+    assert "checked equal" in report.derived["diffusion_prior.noise_scheduler.alphas_cumprod"]
+
+
+def test_settings_of_parts_not_imported_are_not_checked(official):
+    _, _, state = official
+    without_decoder = {k: v for k, v in state.items() if not k.startswith("backbone.bupsampler.")}
+    other_groups = load_config(config(), low_level={"norm_groups": 16})
+    with pytest.warns(UserWarning, match="random initial values"):
+        import_official_state_dict(without_decoder, list(SUBJECTS), other_groups)
 
 
 class SchedulerState:  # stands in for the official lr_scheduler's pickled Python objects

@@ -15,6 +15,8 @@ of its training subject list), `backbone.*` (`BrainNetwork`) and `diffusion_prio
   start as the identity (output layer zeroed).
 Together the imported model computes what the official model computed (eval mode), and its
 residual blocks can then be trained. Everything else is listed in the report with the reason.
+Settings that leave every weight shape unchanged cannot be read off the checkpoint, so the config must
+give them the official values (`OFFICIAL_SETTINGS`); a config that does not is refused.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,37 @@ _NOT_IMPORTED: list[tuple[str, str]] = [
 
 
 _NOT_IN_CHECKPOINT = "not in the official checkpoint"
+
+
+class OfficialSetting(NamedTuple):
+    """A setting's official value, which weights it affects and where the value comes from."""
+
+    value: Any
+    governs: str  # official key prefix of the weights it applies to: checked only when those are imported
+    recorded_in: str | None  # a checkpoint buffer that records it; if present, `_derived` checks against that
+    source: str
+
+
+# Config settings that change what the official weights compute but not their shapes, with the values the
+# official code used (MedARC-AI/MindEyeV2; src/setup.sh pins diffusers==0.23.0, dalle2-pytorch unpinned).
+# Not listed: the rotary width (official min(32, dim_head), FlaggedCausalTransformer) is recorded in
+# rotary_emb.freqs and checked by `_derived`; non-causal attention (Train: causal=False), rotary use, the
+# cosine-sim scale 16 and LayerNorm eps 1e-5 (dalle2_pytorch.py Attention, LayerNorm) are fixed in our prior,
+# not settings; dropouts and cond_drop_prob change only training, not what the imported model computes.
+OFFICIAL_SETTINGS: dict[str, OfficialSetting] = {
+    # src/models.py BrainNetwork: bupsampler = Decoder(..., block_out_channels=[32, 64, 128], layers_per_block=1)
+    # passes no norm_num_groups, so diffusers' default 32 applies (models/vae.py in 0.23.0)
+    "low_level.norm_groups": OfficialSetting(32, "backbone.bupsampler.", None,
+                                             "diffusers Decoder default norm_num_groups"),
+    # src/models.py FlaggedCausalTransformer: RelPosBias(heads=heads), so dalle2_pytorch.py's defaults
+    # num_buckets=32 (visible as the embedding's shape) and max_distance=128 (visible nowhere)
+    "prior.rel_pos_max_distance": OfficialSetting(128, "diffusion_prior.net.causal_transformer.", None,
+                                                  "DALLE2-pytorch RelPosBias default max_distance"),
+    # src/Train.ipynb (src/Train.py until Feb 2024): timesteps = 100 -> BrainDiffusionPrior(timesteps=...);
+    # the checkpoint's own noise_scheduler buffer, when present, is checked instead
+    "prior.timesteps": OfficialSetting(100, "diffusion_prior.net.", "diffusion_prior.noise_scheduler.alphas_cumprod",
+                                       "MindEyeV2 Train timesteps"),
+}
 
 
 @dataclass
@@ -139,6 +172,7 @@ def import_official_state_dict(state_dict: Mapping[str, torch.Tensor], subjects:
     """
     config = load_config(config)
     state = dict(state_dict.get("model_state_dict", state_dict))  # the whole official checkpoint dict also works
+    _check_official_settings(state, config)
     model = MindEye2(config)
     ours = model.state_dict()
     report = ImportReport()
@@ -181,6 +215,21 @@ def import_official_state_dict(state_dict: Mapping[str, torch.Tensor], subjects:
                       f"random initial values: {surprising[:5]}{' ...' if len(surprising) > 5 else ''}",
                       stacklevel=2)
     return model, report
+
+
+def _check_official_settings(state: Mapping[str, torch.Tensor], config: MindEyeConfig) -> None:
+    """Refuse a config whose shape-neutral settings differ from the official ones the weights were trained with."""
+    for setting, official in OFFICIAL_SETTINGS.items():
+        part, name = setting.split(".")
+        ours = getattr(getattr(config, part), name)
+        imported = any(key.startswith(official.governs) for key in state)
+        if part == "low_level" and not config.low_level.enabled:
+            imported = False  # no low-level head: its decoder weights are not imported
+        if ours != official.value and imported and official.recorded_in not in state:
+            raise ValueError(f"{setting}={ours!r} but the official model used {official.value!r} "
+                             f"({official.source}); the weights cannot show this, so the imported model would "
+                             f"compute something else: use configs/model/paper.yaml or set "
+                             f"{setting}={official.value!r}")
 
 
 def _ridge_targets(state: Mapping[str, torch.Tensor], subjects: Sequence[str], config: MindEyeConfig) -> dict[str, str]:
