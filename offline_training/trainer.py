@@ -285,7 +285,7 @@ def make_global_batch(plan: BatchPlan, order: list[np.ndarray], epoch: int, step
         if uses_mixup else None
     if mixup is not None:
         voxels = [mixup.rows(i * b, (i + 1) * b).mix(v) for i, v in enumerate(voxels)]
-        low_level_bcss = mixup.mix(low_level_bcss)  # the blurry target follows the voxels, as the official code
+        low_level_bcss = mixup.mix(low_level_bcss)  # the blurry target follows the voxels (docs/training.md, deviations)
     generator = torch.Generator(device=device).manual_seed(prior_seed)
     t_b, noise_bnd, keep_b = draw_noise(len(tokens_bnd), *tokens_bnd.shape[1:], prior_config.timesteps,
                                         prior_config.cond_drop_prob, generator=generator)
