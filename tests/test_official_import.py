@@ -234,6 +234,13 @@ def test_timesteps_recorded_in_the_checkpoint_take_precedence(official):
     assert "checked equal" in report.derived["diffusion_prior.noise_scheduler.alphas_cumprod"]
 
 
+def test_a_config_whose_shapes_differ_from_the_checkpoint_is_refused_not_left_random(official):
+    _, _, state = official
+    fewer_buckets = load_config(config(), prior={"rel_pos_buckets": 16})
+    with pytest.raises(ValueError, match=r"rel_pos_bias.* has shape \(8, 2\) .*has \(16, 2\).*does not describe"):
+        import_official_state_dict(state, list(SUBJECTS), fewer_buckets)
+
+
 def test_settings_of_parts_not_imported_are_not_checked(official):
     _, _, state = official
     without_decoder = {k: v for k, v in state.items() if not k.startswith("backbone.bupsampler.")}

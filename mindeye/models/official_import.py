@@ -198,8 +198,10 @@ def import_official_state_dict(state_dict: Mapping[str, torch.Tensor], subjects:
                                         "no counterpart in MindEye2 known to this importer")
         elif target not in ours:
             report.unmapped[key] = f"would be {target}, which a model built from this config does not have"
-        elif tuple(ours[target].shape) != tuple(value.shape):
-            report.unmapped[key] = f"shape {tuple(value.shape)} does not fit {target} {tuple(ours[target].shape)}"
+        elif tuple(ours[target].shape) != tuple(value.shape):  # the config describes another model: refuse
+            raise ValueError(f"{key} has shape {tuple(value.shape)} but {target} of a model built from this config "
+                             f"has {tuple(ours[target].shape)}: the config does not describe this checkpoint; use "
+                             "configs/model/paper.yaml or match its sizes to the checkpoint")
         elif key in ("backbone.backbone_linear.bias", "backbone.blin1.bias") and offset is not None:
             weight = state[key.removesuffix("bias") + "weight"]  # Linear(x + C) = W x + (b + C * row sums of W)
             put(target, (value.double() + offset * weight.double().sum(dim=1)).to(value.dtype))
