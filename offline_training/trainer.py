@@ -17,6 +17,7 @@ scheduler, RNG and progress, for resume=true), run_config.yaml, log.jsonl (one l
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -186,6 +187,35 @@ def build_run_model(cfg: DictConfig, subjects: list[SubjectData], token_shape: t
         return build_model(cfg.model, voxels_per_subject=voxels, clip_tokens=token_shape[0], clip_dim=token_shape[1],
                            low_level={"latent_channels": channels, "latent_size": size})
     return init_from_pretrained(init_checkpoint(cfg.init_from), voxels, token_shape, low_level_shape)
+
+
+def add_backbone_adapters(model: MindEye2, rank: int) -> MindEye2:
+    """The parameter-efficient fine-tune: rank-`rank` LoRA adapters (peft) on the backbone's linears, trained
+    with the (fresh) aligners; every other weight frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["fc1", "fc2", "to_tokens"]),
+                            model.backbone)
+    model.aligner.requires_grad_(True)
+    return model
+
+
+def merge_adapters(model: MindEye2) -> MindEye2:
+    """`model` as checkpoints hold it: a copy with each LoRA adapter merged into the weight it adapts and the
+    plain layer back in its place (the model itself when it has none)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapted = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if not adapted:
+        return model
+    merged = copy.deepcopy(model)
+    for name in adapted:
+        layer = merged.get_submodule(name)
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent), child, layer.get_base_layer())
+    return merged
 
 
 def init_checkpoint(init_from: str) -> Path:
@@ -405,7 +435,7 @@ def save_model(accelerator: Accelerator, wrapped: nn.Module, out_dir: Path, subj
     with `units` = (units, estimator) of the betas they describe (offline_training.data.betas_units)."""
     model = full_model(accelerator, wrapped)
     if accelerator.is_main_process:
-        path = save_checkpoint(model, out_dir / CHECKPOINT_DIR, extra=extra)
+        path = save_checkpoint(merge_adapters(model), out_dir / CHECKPOINT_DIR, extra=extra)
         save_calibration(path, {s.name: (s.zscore_mean, s.zscore_std) for s in subjects}, units=units[0],
                          estimator=units[1])
     accelerator.wait_for_everyone()
@@ -443,6 +473,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigValueError(f"init_from is only for mode=finetune; mode={cfg.mode} trains from scratch")
     if cfg.mode == "finetune":
         require_checkpoint(init_checkpoint(cfg.init_from), "init_from")
+    if cfg.get("adapter_rank") is not None and (cfg.mode != "finetune" or int(cfg.adapter_rank) < 1):
+        raise ConfigValueError(f"adapter_rank is a positive rank for mode=finetune, got {cfg.adapter_rank!r} with "
+                               f"mode={cfg.mode}")
     subjects = list(cfg.subjects or [])
     if not subjects or len(set(subjects)) != len(subjects) or not all(isinstance(s, int) for s in subjects):
         raise ConfigValueError(f"subjects must be a list of distinct subject numbers, got {cfg.subjects}")
@@ -504,6 +537,11 @@ def train(cfg: DictConfig) -> Path:
     image_ids = np.concatenate([np.concatenate([s.train_image_ids, s.test_image_ids]) for s in subjects])
     targets, token_shape, low_level_shape = load_targets(cfg.data, image_ids, accelerator, cfg.progress)
     model = build_run_model(cfg, subjects, token_shape, low_level_shape)
+    if cfg.get("adapter_rank"):
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigValueError("adapter_rank runs without FSDP or DeepSpeed (its checkpoint merges the adapters "
+                                   "of an unsharded model): use DDP or one process")
+        model = add_backbone_adapters(model, int(cfg.adapter_rank))
     prior_config = model.config.prior
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     plan = BatchPlan([len(s.train_voxels) for s in subjects], cfg.train.batch_per_subject,
@@ -531,7 +569,8 @@ def train(cfg: DictConfig) -> Path:
     accelerator.print(f"{cfg.mode}: {[s.name for s in subjects]} ({[len(s.train_voxels) for s in subjects]} trials), "
                       f"{plan.steps_per_epoch} steps of {plan.batch * len(subjects)} per epoch, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}; parameters "
-                      f"{count_parameters(model)}; starting at epoch {progress['epoch'] + 1}/{epochs}")
+                      f"{count_parameters(model)}, trainable {sum(p.numel() for p in model.parameters() if p.requires_grad)}"
+                      f"; starting at epoch {progress['epoch'] + 1}/{epochs}")
 
     for epoch in range(progress["epoch"], epochs):
         started = time.time()

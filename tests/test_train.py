@@ -15,6 +15,7 @@ import torch
 from safetensors.numpy import load_file
 
 from mindeye.config import CONFIG_DIR, load_config
+from mindeye.errors import ConfigValueError
 from mindeye.models import build_model, calibration_units, load_checkpoint
 from offline_training.data import load_subject
 from offline_training.trainer import BatchPlan, init_from_pretrained, make_optimizer, train
@@ -125,6 +126,24 @@ def test_one_session_finetune_of_a_held_out_subject_starts_where_scratch_cannot(
     assert all(t["test/prior_loss"] < 0.7 * f["test/prior_loss"] for t, f in zip(tuned, fresh))
     assert [("test/sampled_image_top1" in r) for r in tuned] == [False, True, False, True]
     assert 0 <= tuned[-1]["test/sampled_image_top1"] <= 1
+
+
+def test_an_adapter_finetune_trains_the_aligner_and_low_rank_backbone_updates_only(pretrained, tmp_path):
+    root, pretrain_dir = pretrained
+    tuned = run(root, tmp_path / "lora", "mode=finetune", "subjects=[8]", "train_sessions=[1]", "train.epochs=2",
+                f"init_from={pretrain_dir}", "adapter_rank=2", "train.eval.sample_every=0")
+    before, after = weights(pretrain_dir), weights(tuned)  # the checkpoint: a plain model, adapters merged
+    assert set(after) == {k for k in before if not k.startswith("aligner.")} | {"aligner.linears.subj08.weight",
+                                                                                 "aligner.linears.subj08.bias"}
+    frozen = [k for k in after if not k.startswith(("aligner.", "backbone."))]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)  # heads and prior untouched
+    for name in ("backbone.to_tokens.weight", "backbone.blocks.0.fc1.weight"):
+        singular = torch.linalg.svdvals((after[name] - before[name]).double())
+        assert singular[0] > 0 and singular[2] < 1e-2 * singular[0]  # a rank-2 update (float32 rounding aside)
+    assert torch.equal(after["backbone.to_tokens.bias"], before["backbone.to_tokens.bias"])
+    assert read_log(tuned)[-1]["test/image_top1"] >= 0  # evaluated like any run
+    with pytest.raises(ConfigValueError, match="adapter_rank is a positive rank for mode=finetune"):
+        run(root, tmp_path / "bad", "mode=scratch", "adapter_rank=2")
 
 
 # --- resume and multi-process equality ---------------------------------------------------------------------
