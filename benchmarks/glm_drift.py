@@ -41,7 +41,8 @@ from nilearn.glm.first_level import make_first_level_design_matrix, run_glm
 from scipy.stats import gamma
 from tqdm.auto import tqdm
 
-from realtime.glm import IncrementalGLM, OnlineGLMSettings
+from glm_vs_nilearn import corr_per_trial, run_incremental  # benchmarks/: the same GLM feed and score
+from realtime.glm import OnlineGLMSettings
 
 TR, N_VOLUMES, IMAGE_S = 1.6, 188, 3.0
 DESIGNS, DRIFTS, DRIFT_PCTS = ("nsd", "back-to-back"), ("low-frequency", "random walk"), (0.0, 0.5, 2.0)
@@ -104,12 +105,9 @@ def simulate(design: str, drift: str, drift_pct: float, seed: int, n_voxels: int
 
 
 def live_betas(ts_tv: np.ndarray, onsets_n: np.ndarray, settings: OnlineGLMSettings) -> np.ndarray:
-    glm = IncrementalGLM(ts_tv.shape[1], settings)
-    for i, onset_s in enumerate(onsets_n):
-        glm.add_trial(i, onset_s, IMAGE_S)
-    reports = [beta for k, values_v in enumerate(ts_tv) for beta in glm.add_volume(k, values_v)] + glm.finish()
-    by_trial = {beta.trial_id: beta.beta_pct_v for beta in reports}
-    return np.stack([by_trial[i] for i in range(onsets_n.size)])
+    """(n_trials, V) percent betas of the live GLM, fed the run in order."""
+    reports = run_incremental(ts_tv, onsets_n, settings)[0]
+    return np.stack([reports[i].beta_pct_v for i in range(onsets_n.size)])
 
 
 def nilearn_pct(ts_tv: np.ndarray, events: pd.DataFrame, contrasts: list[str], drift_model: str | None) -> np.ndarray:
@@ -160,9 +158,7 @@ def lsa_full_run(ts_tv: np.ndarray, onsets_n: np.ndarray) -> np.ndarray:
 
 
 def median_correlation(estimate_nv: np.ndarray, truth_nv: np.ndarray) -> float:
-    a = estimate_nv - estimate_nv.mean(axis=1, keepdims=True)
-    b = truth_nv - truth_nv.mean(axis=1, keepdims=True)
-    return float(np.median((a * b).sum(axis=1) / np.sqrt((a**2).sum(axis=1) * (b**2).sum(axis=1))))
+    return float(np.median(corr_per_trial(estimate_nv, truth_nv)))
 
 
 def compare(n_voxels: int, seeds: int) -> None:

@@ -58,7 +58,8 @@ class TargetCache:
         """float32 tokens (n, L, D) and low-level latents (n, C, S, S) for `image_ids` (any order), computing
         the rows no run has computed yet."""
         self.compute(image_ids, progress)
-        return self.rows(image_ids).read(image_ids)
+        with self._open("r") as f:
+            return read_targets(f, np.asarray(image_ids))
 
     def compute(self, image_ids: np.ndarray, progress: bool = False) -> None:
         """Fill the rows of `image_ids` that no run has computed yet. Checks with the file opened read-only
@@ -121,8 +122,12 @@ class TargetRows:
         if np.any(self.image_ids[rows] != image_ids):
             raise KeyError(f"images {np.setdiff1d(image_ids, self.image_ids)[:5]} are not in this target set")
         with self._open("r") as f:
-            return (read_rows(f["tokens"], image_ids).astype(np.float32),
-                    read_rows(f["low_level"], image_ids).astype(np.float32))
+            return read_targets(f, image_ids)
+
+
+def read_targets(f: h5py.File, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 tokens (n, L, D) and low-level latents (n, C, S, S) of `image_ids` from an open cache file."""
+    return read_rows(f["tokens"], image_ids).astype(np.float32), read_rows(f["low_level"], image_ids).astype(np.float32)
 
 
 def target_clip_config(data_cfg):

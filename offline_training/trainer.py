@@ -63,10 +63,6 @@ class TargetTable:
     def __init__(self, rows: TargetRows):
         self.rows = rows
 
-    @property
-    def image_ids(self) -> np.ndarray:
-        return self.rows.image_ids
-
     def get(self, image_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (n, L, D) and (n, C, S, S) for `image_ids` (any order, repeats allowed)."""
         tokens, low_level = self.rows.read(image_ids)

@@ -129,6 +129,14 @@ def require_chromium() -> str:
     return path
 
 
+def open_page(browser, url: str, *, cards: int, status_text: str) -> None:
+    """Open the viewer and wait until it shows `cards` cards, the latency plot's 3 bars and the status counters."""
+    browser.open(url)
+    browser.wait_for(f"document.querySelectorAll('article.card').length === {cards} "
+                     "&& document.querySelectorAll('#latency-plot g.bar').length === 3 "
+                     f"&& document.getElementById('status').textContent.includes('{status_text}')")
+
+
 def test_page_renders_history_in_chromium(viewer):
     from realtime.viewer.headless import HeadlessChromium
 
@@ -142,10 +150,7 @@ def test_page_renders_history_in_chromium(viewer):
     viewer.set_status({"volumes_accepted": 42, "queue_length": 3})
 
     with HeadlessChromium(chromium, window=(1400, 3000)) as browser:  # tall: no image waits for a scroll
-        browser.open(viewer.url)
-        browser.wait_for("document.querySelectorAll('article.card').length === 4 "
-                         "&& document.querySelectorAll('#latency-plot g.bar').length === 3 "
-                         "&& document.getElementById('status').textContent.includes('42')")
+        open_page(browser, viewer.url, cards=4, status_text="42")
         loaded = browser.wait_for("[...document.images].every(i => i.complete) && "
                                   "[...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])")
         dom = Dom(browser.dom())
@@ -350,10 +355,7 @@ def test_page_explains_scores_runs_and_candidates_in_chromium(viewer):
     viewer.set_status({"decode_pending": 0, "acks": 12})
 
     with HeadlessChromium(chromium, window=(1400, 2000)) as browser:
-        browser.open(viewer.url)
-        browser.wait_for("document.querySelectorAll('article.card').length === 3 "
-                         "&& document.querySelectorAll('#latency-plot g.bar').length === 3 "
-                         "&& document.getElementById('status').textContent.includes('12')")
+        open_page(browser, viewer.url, cards=3, status_text="12")
         folded = browser.wait_for("document.querySelector('details#details > #status') !== null "
                                   "&& [document.getElementById('details').open]")
         dom = Dom(browser.dom())
