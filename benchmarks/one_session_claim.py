@@ -7,17 +7,21 @@ For each world SNR (trial-noise setting) the script generates the world, pretrai
   scratch       - the same session, no pretraining
   all sessions  - from scratch on all of subject 8's sessions (the data-rich reference)
   finetune, no residual blocks - fine-tuned from the pretraining without them (the ablation)
+  finetune, LoRA r  - the parameter-efficient fine-tune the paper does not have (MindTuner, Duala): a
+                      fresh aligner plus rank-r adapters on the shared backbone, the rest frozen
 and reports top-1 test retrieval (image / brain; mean and spread over seeds) from each run's final
 evaluation. Every run is the real command (`python -m offline_training.train ...`), logged in its
 own folder, so any row can be reproduced or inspected (log.jsonl, training.png).
 
-    python benchmarks/one_session_claim.py --world small --seeds 0 1 2            # the issue's benchmark
+    python benchmarks/one_session_claim.py --world small --seeds 0 1 2 --pretrain-epochs 8 --subject-epochs 15 \
+        --override model.low_level.enabled=false                                  # the issue's benchmark
     python benchmarks/one_session_claim.py --world tiny --out benchmarks/results/one_session_claim_tiny
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -28,20 +32,25 @@ import numpy as np
 from mindeye.config import load_config
 from simulators.world.generate import generate_world
 
-CONDITIONS = ("finetune", "scratch", "all sessions", "finetune, no residual blocks")
+CONDITIONS = ("finetune", "scratch", "all sessions", "finetune, no residual blocks", "finetune, LoRA")
 
 
 def run_training(out_dir: Path, overrides: list[str], log) -> dict:
-    """Run one training command (skipped if it already finished) and return its final log record."""
-    log_path = out_dir / "log.jsonl"
+    """Run one training command (skipped if it already finished); its final log record, plus the trainable
+    parameter count it printed (`trainable`)."""
     if not (out_dir / "checkpoint" / "config.json").is_file():
         command = [sys.executable, "-m", "offline_training.train", f"out_dir={out_dir}", "progress=false", "cpu=true",
                    *overrides]
         log(" ".join(command[1:]))
         start = time.time()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (out_dir / "stdout.txt").open("w") as stdout:
+            subprocess.run(command, check=True, stdout=stdout)
         log(f"  done in {time.time() - start:.0f} s")
-    return json.loads(log_path.read_text().strip().splitlines()[-1])
+    final = json.loads((out_dir / "log.jsonl").read_text().strip().splitlines()[-1])
+    stdout = out_dir / "stdout.txt"  # absent from runs made before it was kept
+    trainable = re.search(r"trainable (\d+)", stdout.read_text()) if stdout.is_file() else None
+    return {**final, "trainable": int(trainable.group(1)) if trainable else None}
 
 
 def main() -> None:
@@ -53,6 +62,10 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: the train preset's")
     parser.add_argument("--subject-epochs", type=int, default=None, help="epochs of the subject-8 runs")
     parser.add_argument("--model", default=None, help="model config (default: the world's name)")
+    parser.add_argument("--adapter-rank", type=int, default=8, help="LoRA rank of the parameter-efficient fine-tune")
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="training overrides for every run (e.g. model.low_level.enabled=false: retrieval "
+                             "does not use the blurry head, and it is the costliest part of a CPU step)")
     parser.add_argument("--data-root", type=Path, default=Path("data/bench"), help="where the worlds go")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/one_session_claim"))
     args = parser.parse_args()
@@ -66,7 +79,7 @@ def main() -> None:
         log_file.write(line + "\n")
         log_file.flush()
 
-    common = [f"model={model}", f"train={args.world}"]
+    common = [f"model={model}", f"train={args.world}", *args.override]
     results: dict[float, dict[str, list[tuple[float, float]]]] = {}
     for noise in args.trial_noise:
         world_cfg = load_config("world_generate", [f"world={args.world}", f"world.snr.trial_noise_pct={noise}"]).world
@@ -74,7 +87,7 @@ def main() -> None:
         log(f"world {args.world}, trial noise {noise} %: {root}")
         generate_world(world_cfg, root, progress=False)
         data = [f"data.root={root}"]
-        pre = [*common, *data, "mode=pretrain", "subjects=[1,2,3,4,5,6,7]", "seed=0"]
+        pre = [*common, *data, "mode=pretrain", "subjects=[1,2,3,4,5,6,7]", "seed=0", "train.eval.every=4"]
         if args.pretrain_epochs:
             pre.append(f"train.epochs={args.pretrain_epochs}")
         tag = f"noise{noise}"
@@ -86,6 +99,7 @@ def main() -> None:
         if args.subject_epochs:
             subject.append(f"train.epochs={args.subject_epochs}")
         scores: dict[str, list[tuple[float, float]]] = {c: [] for c in CONDITIONS}
+        trainable: dict[str, int | None] = {}
         for seed in args.seeds:
             runs = {
                 "finetune": (f"finetune-s{seed}", ["mode=finetune", "train_sessions=[1]",
@@ -94,17 +108,21 @@ def main() -> None:
                 "all sessions": (f"all-s{seed}", ["mode=scratch", "train_sessions=null"]),
                 "finetune, no residual blocks": (f"finetune-noblocks-s{seed}", [
                     "mode=finetune", "train_sessions=[1]", f"init_from={pretrained_flat / 'checkpoint'}"]),
+                "finetune, LoRA": (f"finetune-lora{args.adapter_rank}-s{seed}", [
+                    "mode=finetune", "train_sessions=[1]", f"init_from={pretrained / 'checkpoint'}",
+                    f"adapter_rank={args.adapter_rank}"]),
             }
             for condition, (name, extra) in runs.items():
                 final = run_training(runs_dir / f"{tag}-{name}", [*subject, *extra, f"seed={seed}"], log)
                 scores[condition].append((final["test/image_top1"], final["test/brain_top1"]))
+                trainable[condition] = final["trainable"]
                 chance = final["test/chance"]
         results[noise] = scores
-        write_table(args, results, chance)
+        write_table(args, results, chance, trainable)
     log_file.close()
 
 
-def write_table(args, results: dict, chance: float) -> None:
+def write_table(args, results: dict, chance: float, trainable: dict[str, int | None]) -> None:
     header = "| subject 8 trained on | " + " | ".join(
         f"trial noise {noise} %: image / brain top-1" for noise in results) + " |"
     lines = [f"# One-session fine-tuning vs scratch, `{args.world}` world", "",
@@ -112,7 +130,9 @@ def write_table(args, results: dict, chance: float) -> None:
              f"seeds {args.seeds}. Command: `python benchmarks/one_session_claim.py --world {args.world} "
              f"--trial-noise {' '.join(map(str, args.trial_noise))} --seeds {' '.join(map(str, args.seeds))}"
              + (f" --pretrain-epochs {args.pretrain_epochs}" if args.pretrain_epochs else "")
-             + (f" --subject-epochs {args.subject_epochs}" if args.subject_epochs else "") + "`.", "",
+             + (f" --subject-epochs {args.subject_epochs}" if args.subject_epochs else "")
+             + (f" --adapter-rank {args.adapter_rank}" if args.adapter_rank != 8 else "")
+             + (f" --override {' '.join(args.override)}" if args.override else "") + "`.", "",
              header, "| --- |" + " --- |" * len(results)]
     for condition in CONDITIONS:
         cells = []
@@ -120,9 +140,17 @@ def write_table(args, results: dict, chance: float) -> None:
             image, brain = np.array(scores[condition]).T * 100
             cells.append(f"{image.mean():.1f} +- {image.std():.1f} / {brain.mean():.1f} +- {brain.std():.1f}")
         lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    lines += ["", "| image top-1 ratio | " + " | ".join(f"trial noise {noise} %" for noise in results) + " |",
+              "| --- |" + " --- |" * len(results)]
+    for name, denominator in (("finetune / scratch", "scratch"), ("finetune / all sessions", "all sessions")):
+        cells = [f"{np.mean(np.array(s['finetune'])[:, 0]) / max(np.mean(np.array(s[denominator])[:, 0]), 1e-9):.2f}"
+                 for s in results.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{condition}: {n:,}" for condition, n in trainable.items() if n is not None)
+    lines += ["", f"Trainable parameters of subject 8's runs: {counts}."]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps(
-        {"world": args.world, "chance": chance, "seeds": args.seeds,
+        {"world": args.world, "chance": chance, "seeds": args.seeds, "trainable": trainable,
          "results": {str(k): v for k, v in results.items()}}, indent=2))
     print("\n".join(lines))
 
