@@ -30,7 +30,8 @@ from mindeye.config import CONFIG_DIR, load_config  # noqa: E402
 from mindeye.models import load_calibration, load_checkpoint  # noqa: E402
 from mindeye.nsd import ExpDesign, NSDLayout  # noqa: E402
 from mindeye.targets import build_target_cache  # noqa: E402
-from realtime.backends import RetrievalBank, TorchBackend  # noqa: E402
+from mindeye.bank import ExactBank  # noqa: E402
+from realtime.backends import TorchBackend  # noqa: E402
 from realtime.calibrate import live_betas, live_calibration  # noqa: E402
 
 GLM = dict(OmegaConf.load(CONFIG_DIR / "glm" / "live.yaml"))  # the service's GLM settings
@@ -57,7 +58,7 @@ def main() -> None:
     print(f"checkpoint {checkpoint}\ndata {root}, {SUBJECT_NAME}, sessions {sessions}: {int(test.sum())} "
           f"shared-image trials, top-1 among {len(shared)} (chance {1 / len(shared):.3f}); median per-trial "
           f"correlation of live with offline betas {r:.3f}\n")
-    bank = RetrievalBank.from_targets(build_target_cache(load_config("realtime", [f"data.root={root}"]).data), shared)
+    bank = ExactBank.from_targets(build_target_cache(load_config("realtime", [f"data.root={root}"]).data), shared)
     model = load_checkpoint(checkpoint)
 
     def top1(name: str, calibration, betas_nv: np.ndarray) -> None:

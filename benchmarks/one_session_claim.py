@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from mindeye.config import load_config
 from simulators.world.generate import generate_world
@@ -36,21 +37,32 @@ CONDITIONS = ("finetune", "scratch", "all sessions", "finetune, no residual bloc
 
 
 def run_training(out_dir: Path, overrides: list[str], log) -> dict:
-    """Run one training command (skipped if it already finished); its final log record, plus the trainable
-    parameter count it printed (`trainable`)."""
-    if not (out_dir / "checkpoint" / "config.json").is_file():
+    """Run one training command to its last epoch (skipped if it got there; resumed if it was stopped part
+    way, e.g. by the end of a session); its final log record, plus the trainable parameter count it
+    printed (`trainable`)."""
+    if not finished(out_dir):
+        resume = (out_dir / "train_state").is_dir()
         command = [sys.executable, "-m", "offline_training.train", f"out_dir={out_dir}", "progress=false", "cpu=true",
-                   *overrides]
+                   *overrides, *(["resume=true"] if resume else [])]
         log(" ".join(command[1:]))
         start = time.time()
         out_dir.mkdir(parents=True, exist_ok=True)
-        with (out_dir / "stdout.txt").open("w") as stdout:
+        with (out_dir / "stdout.txt").open("a" if resume else "w") as stdout:
             subprocess.run(command, check=True, stdout=stdout)
         log(f"  done in {time.time() - start:.0f} s")
     final = json.loads((out_dir / "log.jsonl").read_text().strip().splitlines()[-1])
     stdout = out_dir / "stdout.txt"  # absent from runs made before it was kept
     trainable = re.search(r"trainable (\d+)", stdout.read_text()) if stdout.is_file() else None
     return {**final, "trainable": int(trainable.group(1)) if trainable else None}
+
+
+def finished(out_dir: Path) -> bool:
+    """Whether the run in `out_dir` logged its last epoch."""
+    log, run_config = out_dir / "log.jsonl", out_dir / "run_config.yaml"
+    if not (log.is_file() and run_config.is_file() and log.read_text().strip()):
+        return False
+    last_epoch = json.loads(log.read_text().strip().splitlines()[-1])["epoch"]
+    return last_epoch >= OmegaConf.load(run_config).train.epochs
 
 
 def main() -> None:

@@ -202,7 +202,8 @@ def serve(args) -> None:
 
     from mindeye.models import read_checkpoint_config
     from mindeye.nsd import read_roi
-    from realtime.backends import RetrievalBank, TorchBackend
+    from mindeye.bank import ExactBank
+    from realtime.backends import TorchBackend
     from realtime.cli import log_to
     from realtime.pipeline import SubjectRois
     from realtime.service import RealtimeService, ServiceSettings
@@ -212,7 +213,7 @@ def serve(args) -> None:
     checkpoint = args.work_dir / "checkpoint"
     config, _ = read_checkpoint_config(checkpoint)
     rng = np.random.default_rng(0)
-    bank = RetrievalBank(np.sort(rng.choice(73000, N_CANDIDATES, replace=False)),
+    bank = ExactBank(np.sort(rng.choice(73000, N_CANDIDATES, replace=False)),
                          rng.standard_normal((N_CANDIDATES, config.clip_tokens, config.clip_dim), dtype=np.float32))
     backend = TorchBackend.from_checkpoint(checkpoint, bank=bank, prior_steps=args.prior_steps, prior_sampler="dpmpp")
     defaults = ServiceSettings(args.out_dir)

@@ -1,4 +1,6 @@
-"""Export: checkpoint -> export bundle (ONNX, TensorRT engines, torch.compile) and few-step distillation.
+"""Export: checkpoint -> export bundle, and few-step distillation of the generator.
 
-Not built yet (see the open issues); realtime/ will load only what this stage writes.
+`cli` (mindeye-export) writes the bundle (docs/export.md): the checkpoint and generator, ONNX graphs
+(`onnx_graphs`), parity against eager (`parity`). Reading and running bundles is the core's
+(mindeye.bundle), so realtime/ never imports this package. `distill` (mindeye-distill) makes the student.
 """

@@ -49,3 +49,14 @@ class PortInUse(OSError):
 
     def __str__(self) -> str:  # the message alone, not OSError's "[Errno 98] ..."
         return self.strerror
+
+
+def index_spans(indices: list[int]) -> str:
+    """"4" or "4-9, 12" for ascending indices: volume numbers in one log line."""
+    spans: list[list[int]] = []
+    for index in indices:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in spans)

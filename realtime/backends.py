@@ -2,11 +2,13 @@
 
 The service hands each backend raw betas (percent signal change, ROI voxels, (B, V)); the backend
 z-scores them with the calibration statistics saved beside the model (which must be in those units),
-runs the model and returns a `DecodedBatch`. `TorchBackend` runs the PyTorch model; export
-backends (ONNX, TensorRT) implement the same `DecodeBackend` protocol.
+runs the model and returns a `DecodedBatch`. `ModelBackend` runs the model as named graphs on any of the
+bundle backends (mindeye.bundle: eager, torch.compile, ONNX Runtime, TensorRT); `load_backend` makes one
+from an export bundle (what the service loads), `TorchBackend` from a model in memory (tests, benchmarks).
 
-Retrieval compares the retrieval head's tokens with a `RetrievalBank` of candidate images' CLIP
-tokens by cosine similarity of the flattened, unit-normalised tokens, as offline evaluation does.
+Retrieval compares the retrieval head's tokens with a bank of candidate images' CLIP tokens (mindeye.bank:
+exact, or FAISS at NSD scale) by cosine similarity of the flattened, unit-normalised tokens, as offline
+evaluation does.
 
 The prior's starting noise is the only randomness. Each `decode` call seeds its own
 torch.Generator from sha256(seed, subject, the float32 betas), so the same batch gives the same
@@ -23,13 +25,17 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from mindeye.bank import ExactBank, FaissBank
+from mindeye.bundle import PRIOR_DENOISER, GraphSet, TorchGraphs, heads_graph, load_graphs, model_graphs, read_manifest
+from mindeye.bundle import resolve_backend, sample_prior
+from mindeye.bundle.generator import graph_pipeline
 from mindeye.errors import ConfigValueError, MissingFileError
 from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline, Refinement, reconstruct, refine
-from mindeye.models import MindEye2, calibration_units, load_calibration, load_checkpoint, read_checkpoint_config
+from mindeye.models import (MindEye2, MindEyeConfig, calibration_units, load_calibration, load_checkpoint,
+                            read_checkpoint_config)
 from mindeye.models.checkpoint import CALIBRATION_FILE
 from mindeye.models.prior import check_sampler
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
-from mindeye.targets import TargetCache
 
 
 @dataclass(frozen=True)
@@ -54,51 +60,6 @@ class DecodeBackend(Protocol):
     def decode(self, subject: str, betas_bv: np.ndarray) -> DecodedBatch:
         """`betas_bv`: float (B, V) in percent signal change, not z-scored."""
         ...
-
-
-class RetrievalBank:
-    """Candidate images for live retrieval: their ids and unit-normalised flattened CLIP tokens."""
-
-    def __init__(self, image_ids_n: np.ndarray, tokens_nld: np.ndarray):
-        image_ids_n, tokens_nld = np.asarray(image_ids_n), np.asarray(tokens_nld)
-        if image_ids_n.ndim != 1 or tokens_nld.ndim != 3 or len(image_ids_n) != len(tokens_nld) or not len(image_ids_n):
-            raise ValueError(f"a retrieval bank needs image ids (N,) and tokens (N, L, D) with N >= 1, got ids "
-                             f"{image_ids_n.shape} and tokens {tokens_nld.shape}")
-        n_repeats = len(image_ids_n) - len(np.unique(image_ids_n))
-        if n_repeats:
-            raise ValueError(f"retrieval bank image ids must be unique; {n_repeats} are repeats")
-        if not np.isfinite(tokens_nld).all():
-            raise ValueError(f"retrieval bank tokens hold {int((~np.isfinite(tokens_nld)).sum())} NaN/inf values")
-        self.image_ids = image_ids_n.astype(np.int64)
-        self.token_shape = tuple(tokens_nld.shape[1:])
-        self.unit_tokens_nf = _unit_rows(tokens_nld.reshape(len(tokens_nld), -1))  # float32 (N, L*D)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def top_k(self, predicted_bld: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """Per row of `predicted_bld` (B, L, D): the k (capped at the bank size) most cosine-similar images."""
-        predicted_bld = np.asarray(predicted_bld)
-        if predicted_bld.ndim != 3 or tuple(predicted_bld.shape[1:]) != self.token_shape:
-            raise ValueError(f"predicted tokens must be (B, {', '.join(map(str, self.token_shape))}) like the bank's, "
-                             f"got {predicted_bld.shape}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        k = min(k, len(self))
-        scores_bn = _unit_rows(predicted_bld.reshape(len(predicted_bld), -1)) @ self.unit_tokens_nf.T
-        best_bk = np.argpartition(-scores_bn, k - 1, axis=1)[:, :k]  # the k best, unordered
-        ranked = []
-        for scores_n, best_k in zip(scores_bn, best_bk):
-            best_k = best_k[np.argsort(-scores_n[best_k], kind="stable")]
-            ranked.append([(int(self.image_ids[i]), float(scores_n[i])) for i in best_k])
-        return ranked
-
-    @classmethod
-    def from_targets(cls, targets: TargetCache, image_ids) -> RetrievalBank:
-        """The bank of `image_ids`, their tokens read from (or computed into) the target cache."""
-        image_ids = np.asarray(image_ids)
-        tokens_nld, _ = targets.get(image_ids)
-        return cls(image_ids, tokens_nld)
 
 
 CANDIDATE_CHOICES = ("shared", "subjects", "all")
@@ -154,33 +115,32 @@ def noise_seed(seed: int, subject: str, betas_bv: np.ndarray) -> int:
     return int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
 
 
-class TorchBackend:
-    """The PyTorch MindEye2 on one device.
+class ModelBackend:
+    """MindEye2 as named graphs on one runner (mindeye.bundle: eager, torch.compile, ONNX Runtime, TensorRT).
+
+    Each decode z-scores the betas with the calibration, runs the subject's heads graph (aligner, backbone,
+    retrieval and low-level heads), samples the prior by stepping its denoiser graph with a diffusers
+    scheduler here (`prior_steps` of `prior_sampler`, mindeye.models.prior.PRIOR_SAMPLERS), ranks the
+    retrieval bank, decodes the low-level latent with `codec` and, with a `generator` (a mindeye.generator
+    pipeline, on the same graphs when it comes from a bundle), makes the reconstruction as `generation`
+    says (steps, guidance, blend with the low-level image, img2img start); its noise is seeded like the
+    prior's. `refinement`, off by default, runs MindEye2's img2img refinement stage over that.
 
     The predicted image embedding whose norm `DecodedBatch.embedding_norm_b` reports is the prior's
-    sampled tokens, flattened; with `prior_steps=0` the prior is skipped and it is the retrieval
-    head's tokens. `prior_sampler` names the prior's scheduler (mindeye.models.prior.PRIOR_SAMPLERS).
-    The backend takes the model over: it is moved to `device`/`dtype` and set to eval.
-    `codec` is a mindeye.latents codec for the low-level head's latents; `image_size` (pixels) defaults
-    to the codec's own and is required for one without (the pixel codec). `generator` (a
-    mindeye.generator pipeline) turns the prior's tokens into the reconstruction, as `generation` says
-    (steps, guidance, blend with the low-level image, img2img start); its noise is seeded like the prior's.
-    `refinement`, off by default, runs MindEye2's img2img refinement stage over that.
+    sampled tokens, flattened; with `prior_steps=0` the prior is skipped and it is the retrieval head's
+    tokens. `image_size` (pixels) defaults to the codec's own and is required for one without (the pixel
+    codec). Use `load_backend` for a bundle, `TorchBackend` for a model in memory.
     """
 
-    name = "torch"
-
-    def __init__(self, model: MindEye2, calibration: dict[str, tuple[np.ndarray, np.ndarray]], *,
-                 bank: RetrievalBank | None, codec=None, image_size: int | None = None, top_k: int = 5,
+    def __init__(self, graphs: GraphSet, config: MindEyeConfig, calibration: dict[str, tuple[np.ndarray, np.ndarray]],
+                 *, bank: ExactBank | FaissBank | None = None, codec=None, image_size: int | None = None, top_k: int = 5,
                  prior_steps: int = 20, prior_sampler: str = "ddim", generator: MindEyeUnCLIPPipeline | None = None,
                  generation: GenerationSettings = GenerationSettings(), refinement: Refinement | None = None,
-                 seed: int = 0, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.device, self.dtype = torch.device(device), dtype
+                 seed: int = 0):
+        self.graphs, self.config, self.name = graphs, config, graphs.backend
+        self.device = graphs.device
         self.bank, self.codec, self.top_k_count, self.prior_steps, self.seed = bank, codec, top_k, prior_steps, seed
         self.prior_sampler = prior_sampler
-        config = model.config
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not 0 <= prior_steps <= config.prior.timesteps:
@@ -191,7 +151,7 @@ class TorchBackend:
             raise ValueError(f"the retrieval bank's tokens are {bank.token_shape}, the model predicts "
                              f"{(config.clip_tokens, config.clip_dim)}: the bank is from another CLIP encoder")
         self.image_size = image_size if image_size is not None else getattr(codec, "image_size", None)
-        if codec is not None and model.low_level_head is not None:
+        if codec is not None and config.low_level.enabled:
             self._check_codec(codec)
         self.generator, self.generation, self.refinement = generator, generation, refinement
         if refinement is not None and generator is None:
@@ -200,55 +160,37 @@ class TorchBackend:
             self._check_generator(generator, generation)
         self._zscore = self._calibration_tensors(calibration)
 
-    @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, **kwargs) -> TorchBackend:
-        """The checkpoint's model and calibration statistics (MissingFileError naming the absent file).
-
-        The calibration must describe betas in LIVE_UNITS, what the service's GLM feeds: statistics of other
-        units (MindEye2's per-session z-scored betas) would shift and scale every live input silently.
-        """
-        read_checkpoint_config(checkpoint_dir)  # a folder without a model is named as such, before its calibration
-        units, estimator = calibration_units(checkpoint_dir)
-        if units != LIVE_UNITS:
-            raise ConfigValueError(
-                f"{Path(checkpoint_dir) / CALIBRATION_FILE} describes betas in {units} ({estimator}); the live "
-                f"service feeds {LIVE_UNITS} from its realtime GLM. Make a live calibration: mindeye-calibrate "
-                f"checkpoint={checkpoint_dir} session=N (a session of the subjects' time series)")
-        model = load_checkpoint(checkpoint_dir, device=kwargs.get("device", "cpu"))
-        kwargs.setdefault("bank", None)
-        return cls(model, load_calibration(checkpoint_dir), **kwargs)
-
     def subjects(self) -> list[str]:
-        """Subjects the model has an aligner for and the calibration has statistics for."""
+        """Subjects the model has an aligner (heads graph) for and the calibration has statistics for."""
         return list(self._zscore)
 
     def n_voxels(self, subject: str) -> int:
         self._check_subject(subject)
-        return self.model.aligner.voxels_per_subject[subject]
+        return self.config.voxels_per_subject[subject]
 
     @torch.inference_mode()
     def decode(self, subject: str, betas_bv: np.ndarray) -> DecodedBatch:
         betas_bv = self._checked_betas(subject, betas_bv)
         start = time.perf_counter()
         mean_v, std_v = self._zscore[subject]
-        voxels_bv = ((torch.from_numpy(betas_bv).to(self.device) - mean_v) / std_v).to(self.dtype)
-        out = self.model(voxels_bv, subject)
-        retrieval_bld = out.retrieval_tokens.float().cpu().numpy()
+        voxels_bv = (torch.from_numpy(betas_bv).to(self.device) - mean_v) / std_v
+        backbone_bld, retrieval_bld, *low_level = self.graphs(heads_graph(subject), voxels_bv)
+        retrieval_bld = retrieval_bld.cpu().numpy()
         image_tokens_bld = None
         if self.prior_steps > 0:
-            generator = torch.Generator(self.device).manual_seed(noise_seed(self.seed, subject, betas_bv))
-            sampled = self.model.prior.sample(out.backbone_tokens, steps=self.prior_steps, generator=generator,
-                                              sampler=self.prior_sampler)
-            image_tokens_bld = sampled.float().cpu().numpy()
+            generator = torch.Generator(backbone_bld.device).manual_seed(noise_seed(self.seed, subject, betas_bv))
+            sampled = sample_prior(lambda x, t, brain: self.graphs(PRIOR_DENOISER, x, t, brain)[0], backbone_bld,
+                                   steps=self.prior_steps, sampler=self.prior_sampler,
+                                   timesteps=self.config.prior.timesteps, generator=generator)
+            image_tokens_bld = sampled.cpu().numpy()
         embedding_bld = image_tokens_bld if image_tokens_bld is not None else retrieval_bld
         embedding_norm_b = np.linalg.norm(embedding_bld.reshape(len(embedding_bld), -1), axis=1).astype(np.float32)
         top_k = (self.bank.top_k(retrieval_bld, self.top_k_count) if self.bank is not None
                  else [[] for _ in range(len(betas_bv))])
         decoded = time.perf_counter()
         lowlevel_bhw3 = None
-        if self.codec is not None and out.low_level_latent is not None:
-            pixels_b3hw = self.codec.decode(out.low_level_latent.float().to(self._codec_device()),
-                                            image_size=self.image_size)
+        if self.codec is not None and low_level:
+            pixels_b3hw = self.codec.decode(low_level[0].to(self._codec_device()), image_size=self.image_size)
             lowlevel_bhw3 = (pixels_b3hw.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         reconstruction_bhw3 = None
         if self.generator is not None:
@@ -265,7 +207,7 @@ class TorchBackend:
                             reconstruction_bhw3=reconstruction_bhw3)
 
     def _check_codec(self, codec) -> None:
-        low = self.model.config.low_level
+        low = self.config.low_level
         if (codec.channels, codec.latent_size) != (low.latent_channels, low.latent_size):
             raise ValueError(f"the codec decodes latents of {codec.channels} x {codec.latent_size} x "
                              f"{codec.latent_size}, the model's low-level head predicts {low.latent_channels} x "
@@ -275,7 +217,7 @@ class TorchBackend:
                              "which has no image size of its own")
 
     def _check_generator(self, generator: MindEyeUnCLIPPipeline, generation: GenerationSettings) -> None:
-        config = self.model.config
+        config = self.config
         if self.prior_steps == 0:
             raise ValueError("a generator needs the prior's image tokens: prior_steps must be >= 1")
         if tuple(generator.token_shape) not in ((config.clip_tokens, config.clip_dim), (None, config.clip_dim)):
@@ -291,8 +233,8 @@ class TorchBackend:
         return next(vae.parameters()).device if vae is not None else torch.device("cpu")
 
     def _calibration_tensors(self, calibration) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """subject -> (mean (V,), std (V,)) float32 on the device, for the subjects the model also has."""
-        model_voxels = self.model.aligner.voxels_per_subject
+        """subject -> (mean (V,), std (V,)) float32 on the device, for the subjects the graphs also decode."""
+        model_voxels = {s: n for s, n in self.config.voxels_per_subject.items() if heads_graph(s) in self.graphs}
         tensors = {}
         for subject, (mean_v, std_v) in calibration.items():
             if subject not in model_voxels:
@@ -313,7 +255,7 @@ class TorchBackend:
     def _check_subject(self, subject: str) -> None:
         if subject in self._zscore:
             return
-        if subject in self.model.aligner.voxels_per_subject:
+        if subject in self.config.voxels_per_subject:
             raise ValueError(f"subject {subject!r} has no calibration statistics; decodable subjects: "
                              f"{self.subjects()}")
         raise ValueError(f"unknown subject {subject!r}; decodable subjects: {self.subjects()}")
@@ -321,7 +263,7 @@ class TorchBackend:
     def _checked_betas(self, subject: str, betas_bv: np.ndarray) -> np.ndarray:
         """`betas_bv` as float32 (B, V) after checking the subject, shape and values."""
         self._check_subject(subject)
-        n = self.model.aligner.voxels_per_subject[subject]
+        n = self.config.voxels_per_subject[subject]
         betas_bv = np.asarray(betas_bv)
         if betas_bv.ndim != 2 or betas_bv.shape[0] < 1 or betas_bv.shape[1] != n:
             raise ValueError(f"betas of {subject!r} must be (B >= 1, {n} voxels), got shape {betas_bv.shape}")
@@ -335,8 +277,64 @@ class TorchBackend:
         return betas_bv
 
 
-def _unit_rows(x_nf: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm (all-zero rows stay zero)."""
-    x_nf = x_nf.astype(np.float32)  # a copy, scaled in place: a full-NSD bank is gigabytes
-    x_nf /= np.maximum(np.linalg.norm(x_nf, axis=1, keepdims=True), 1e-12)
-    return x_nf
+class TorchBackend(ModelBackend):
+    """A MindEye2 in memory, eager (or `compile=True`: torch.compile) on one device, in `dtype`.
+
+    The backend takes the model over: it is moved to `device`/`dtype` and set to eval; `model` stays
+    reachable as `.model`. A `generator` pipeline given here runs as it is (eager). Other arguments: ModelBackend.
+    """
+
+    def __init__(self, model: MindEye2, calibration: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, compile: bool = False, **kwargs):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        graphs = TorchGraphs(model_graphs(model, list(model.aligner.voxels_per_subject)), device=device, dtype=dtype,
+                             compile=compile)
+        super().__init__(graphs, model.config, calibration, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, **kwargs) -> TorchBackend:
+        """The checkpoint's model and calibration statistics (MissingFileError naming the absent file).
+
+        The calibration must describe betas in LIVE_UNITS, what the service's GLM feeds: statistics of other
+        units (MindEye2's per-session z-scored betas) would shift and scale every live input silently.
+        """
+        read_checkpoint_config(checkpoint_dir)  # a folder without a model is named as such, before its calibration
+        units, estimator = calibration_units(checkpoint_dir)
+        _require_live_units(units, estimator, Path(checkpoint_dir) / CALIBRATION_FILE,
+                            f"mindeye-calibrate checkpoint={checkpoint_dir} session=N")
+        model = load_checkpoint(checkpoint_dir, device=kwargs.get("device", "cpu"))
+        return cls(model, load_calibration(checkpoint_dir), **kwargs)
+
+
+def load_backend(bundle_dir: str | Path, backend: str = "auto", *, device: str = "cpu", threads: int | None = None,
+                 int8: bool = False, precision: str = "fp16", dtype: torch.dtype = torch.float32,
+                 with_generator: bool = True, **kwargs) -> ModelBackend:
+    """The decode backend for an export bundle (mindeye.bundle; docs/export.md) on `backend` ("auto": the
+    fastest present here): its graphs, calibration and, with `with_generator`, its generator on the same
+    graphs. `dtype`: eager and compile's weights; `threads`, `int8`: ONNX Runtime's; `precision`: TensorRT's.
+    Refused: a calibration in other units than the live service's, a backend the export's parity check
+    failed. Other arguments: ModelBackend (bank, codec, image_size, prior steps, generation...)."""
+    bundle = read_manifest(bundle_dir)
+    calibration = bundle.manifest["calibration"]
+    _require_live_units(calibration["units"], calibration["estimator"], bundle.root / calibration["file"],
+                        "mindeye-calibrate checkpoint=<the checkpoint> session=N, then mindeye-export it again")
+    backend = resolve_backend(backend, bundle, device)
+    failed = [graph for key, figures in bundle.manifest.get("parity", {}).items()
+              if key == backend or key.startswith(f"{backend}-") and key.endswith(precision)
+              for graph, figure in figures.items() if isinstance(figure, dict) and figure.get("passed") is False]
+    if failed:
+        raise ConfigValueError(f"{bundle.root}: {backend} failed its parity check against eager at export on "
+                               f"{failed} (manifest.json's parity); choose another decode.backend")
+    graphs = load_graphs(bundle, backend, device=device, dtype=dtype, threads=threads, int8=int8, precision=precision,
+                         max_batch=kwargs.pop("max_batch", 8))
+    generator = None
+    if with_generator and bundle.generator_dir is not None:
+        generator = graph_pipeline(bundle.generator_dir, graphs)
+    config, _ = read_checkpoint_config(bundle.checkpoint_dir)
+    return ModelBackend(graphs, config, load_calibration(bundle.checkpoint_dir), generator=generator, **kwargs)
+
+
+def _require_live_units(units: str, estimator: str, path: Path, fix: str) -> None:
+    if units != LIVE_UNITS:
+        raise ConfigValueError(f"{path} describes betas in {units} ({estimator}); the live service feeds {LIVE_UNITS} "
+                               f"from its realtime GLM. Make a live calibration: {fix}")

@@ -1,4 +1,4 @@
-"""mindeye-realtime: build the service from configs/realtime.yaml and run it until Ctrl-C."""
+"""mindeye-realtime: build the service from configs/realtime.yaml and an export bundle, and run it until Ctrl-C."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from mindeye.cli import command, port_taken, require_checkpoint, require_data_root
-from mindeye.errors import ConfigValueError, PortInUse
+from mindeye.cli import command, port_taken, require_data_root
+from mindeye.errors import ConfigValueError, MissingFileError, PortInUse
 
 if TYPE_CHECKING:  # torch and the model stack load in build_service: --help answers without them
     from mindeye.generator import Refinement
@@ -20,45 +20,60 @@ log = logging.getLogger(__name__)
 
 
 def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
-    """The service `cfg` (configs/realtime.yaml) describes: backend, ROIs, viewer, sockets' settings."""
+    """The service `cfg` (configs/realtime.yaml) describes: the bundle's backend, ROIs, viewer, sockets' settings."""
     import torch
 
+    from mindeye.bundle import read_manifest
+    from mindeye.clip import clip_identity
     from mindeye.generator import GenerationSettings
     from mindeye.latents import build_latent_codec
-    from mindeye.models import read_checkpoint_config
     from mindeye.models.prior import check_sampler
     from mindeye.nsd import NSDLayout, StimulusBrick
     from mindeye.protocol.transport import CurveServer
-    from mindeye.targets import build_target_cache
-    from realtime.backends import RetrievalBank, TorchBackend, candidate_image_ids
+    from mindeye.targets import build_target_cache, target_clip_config
+    from mindeye.bank import BankSettings, TargetBlocks, build_bank, load_bank
+    from realtime.backends import candidate_image_ids, load_backend
     from realtime.pipeline import SubjectRois
     from realtime.service import RealtimeService, ServiceSettings
 
     check_sampler(cfg.decode.prior_sampler, "decode.prior_sampler")  # clear errors before anything loads
-    checkpoint = require_checkpoint(cfg.checkpoint)
+    bundle = read_manifest(require_bundle(cfg.bundle))
     root = require_data_root(cfg.data.root)
-    model_config, _ = read_checkpoint_config(checkpoint)
-    subjects = list(cfg.subjects or model_config.subjects)
+    data_clip = clip_identity(target_clip_config(cfg.data))
+    if bundle.manifest["clip"]["identity"] != data_clip:
+        raise ConfigValueError(f"the bundle {cfg.bundle} predicts tokens of CLIP encoder "
+                               f"{bundle.manifest['clip']['identity']!r}, the data's retrieval candidates are "
+                               f"{data_clip!r}'s: serve the data the model was trained on (data=..., data.root=...)")
+    subjects = list(cfg.subjects or bundle.subjects)
     stimuli = StimulusBrick(NSDLayout(root).stimuli())
     targets = build_target_cache(cfg.data)
-    bank = RetrievalBank.from_targets(targets, candidate_image_ids(root, cfg.decode.candidates, subjects))
+    if cfg.decode.bank_dir:  # a bank built once offline (a FAISS bank at NSD scale is not rebuilt per session)
+        bank = load_bank(cfg.decode.bank_dir, device=cfg.decode.device)
+    else:
+        candidates = candidate_image_ids(root, cfg.decode.candidates, subjects)
+        bank = build_bank(candidates, TargetBlocks(targets, candidates), BankSettings.from_config(cfg.bank),
+                          folder=Path(cfg.out_dir) / "bank", device=cfg.decode.device)
+    log.info("retrieval bank: %s, %d images", bank.kind, len(bank))
     torch.set_num_threads(cfg.decode.torch_threads)
-    generator = load_generator(cfg)
-    backend = TorchBackend.from_checkpoint(checkpoint, bank=bank, codec=build_latent_codec(dict(cfg.data.low_level)),
-                                           image_size=stimuli.shape[1], top_k=cfg.decode.top_k,
-                                           prior_steps=cfg.decode.prior_steps,
-                                           prior_sampler=cfg.decode.prior_sampler, generator=generator,
-                                           generation=GenerationSettings(cfg.generate.steps,
-                                                                         cfg.generate.guidance_scale,
-                                                                         cfg.generate.lowlevel_blend,
-                                                                         cfg.generate.img2img_strength),
-                                           refinement=load_refinement(cfg),
-                                           device=cfg.decode.device)
+    if not cfg.generate.enabled or bundle.generator_dir is None:
+        log.warning("no generator (%s): results carry no reconstruction",
+                    "generate.enabled=false" if not cfg.generate.enabled else "the bundle has none")
+    backend = load_backend(bundle.root, cfg.decode.backend, device=cfg.decode.device,
+                           threads=cfg.decode.torch_threads, int8=cfg.decode.int8, precision=cfg.decode.precision,
+                           with_generator=cfg.generate.enabled, max_batch=cfg.decode.max_batch,
+                           bank=bank, codec=build_latent_codec(dict(cfg.data.low_level)),
+                           image_size=stimuli.shape[1], top_k=cfg.decode.top_k, prior_steps=cfg.decode.prior_steps,
+                           prior_sampler=cfg.decode.prior_sampler,
+                           generation=GenerationSettings(cfg.generate.steps, cfg.generate.guidance_scale,
+                                                         cfg.generate.lowlevel_blend, cfg.generate.img2img_strength),
+                           refinement=load_refinement(cfg))
+    log.info("decode backend: %s on %s (bundle %s)", backend.name, cfg.decode.device, bundle.root)
     viewer = None
     if cfg.viewer.enabled:
         from realtime.viewer import LiveViewer
 
-        viewer = LiveViewer(cfg.viewer.host, cfg.viewer.port, stimuli=stimuli)
+        viewer = LiveViewer(cfg.viewer.host, cfg.viewer.port, stimuli=stimuli,
+                            fd_threshold_mm=cfg.viewer.fd_threshold_mm)
     curve = None
     if cfg.curve.secret_key_file or cfg.curve.allowed_clients_dir:
         if not (cfg.curve.secret_key_file and cfg.curve.allowed_clients_dir):
@@ -77,13 +92,19 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
                            curve=curve)
 
 
-def load_generator(cfg: DictConfig):
-    """The reconstruction generator `generate.generator` names (None: no reconstructions), checked to take
-    the tokens of the data's CLIP encoder."""
-    if cfg.generate.generator is None:
-        log.warning("no generator (generate.generator is null): results carry no reconstruction")
-        return None
-    return _load_for_data(cfg.generate.generator, cfg)
+def require_bundle(path, setting: str = "bundle") -> Path:
+    """`path` if it holds an export bundle, else a MissingFileError saying how to make one (answered before
+    torch loads: mindeye.bundle.MANIFEST_FILE, named here)."""
+    path = Path(str(path))
+    if (path / "manifest.json").is_file():
+        return path
+    if (path / "config.json").is_file() or (path / "checkpoint" / "config.json").is_file():
+        checkpoint = path if (path / "config.json").is_file() else path / "checkpoint"
+        raise MissingFileError(path / "manifest.json", "export bundle", f"{path} is a checkpoint or training run: "
+                               f"make a bundle with mindeye-export checkpoint={checkpoint} out_dir=BUNDLE, then pass "
+                               f"{setting}=BUNDLE")
+    raise MissingFileError(path / "manifest.json", "export bundle", f"make one with mindeye-export checkpoint=... "
+                           f"out_dir=BUNDLE, or pass {setting}=PATH")
 
 
 def load_refinement(cfg: DictConfig) -> Refinement | None:
@@ -118,8 +139,8 @@ def log_to(out_dir: Path, level: str) -> None:
 
 @command("realtime", "mindeye-realtime")
 def main(cfg: DictConfig) -> None:
-    require_checkpoint(cfg.checkpoint)  # the usual mistakes, answered before torch loads (build_service
-    require_data_root(cfg.data.root)    # checks them again for its other callers)
+    require_bundle(cfg.bundle)        # the usual mistakes, answered before torch loads (build_service
+    require_data_root(cfg.data.root)  # checks them again for its other callers)
     log_to(Path(cfg.out_dir), cfg.log_level)
     service = build_service(cfg)
     stop = threading.Event()

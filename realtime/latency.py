@@ -13,6 +13,14 @@ The `hit` column is realtime.hits's top-1 verdict: 1 or 0 only for a decoded tri
 was a candidate, empty otherwise. A latency.csv written before that definition filled it for every
 decoded trial with a known image; its hit rate is not comparable.
 
+A scanner side that reads the scanner's files (mindeye-bridge) stamps each volume with when its file
+was seen, read and registered, and with its head motion (protocol 1.3). The service appends one row
+per accepted volume to volumes.csv (`VolumeLog`); the report then adds the bridge's stages per volume
+- `file_read` (seen -> read), `register` (read -> registered: motion correction and resampling),
+`send` (registered -> sent), `transit` (sent -> received by the service: two clocks, meaningful when
+they are synchronised, as on one host) and `scanner_to_service` (seen -> received) - and framewise
+displacement (volumes over `FD_THRESHOLD_MM` counted).
+
     mindeye-latency-report runs/subj01-nsd01/latency.csv   # or the folder holding it
 """
 from __future__ import annotations
@@ -32,7 +40,8 @@ import numpy as np
 
 from mindeye.cli import plain_command
 from mindeye.errors import FormatError, MissingFileError
-from mindeye.protocol import TIMING_STAGES, Result
+from mindeye.motion import MOTION_PARAMS
+from mindeye.protocol import TIMING_STAGES, Result, Volume
 from realtime.hits import Top1Tally, result_hit
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,11 @@ AFTER_STAGES = ("top1_image_id", "hit")
 COLUMNS = (*BEFORE_STAGES, *TIMING_STAGES, *AFTER_STAGES)
 PERCENTILES = (50, 90, 95, 99)
 FLAG_SEPARATOR = ";"
+VOLUMES_CSV = "volumes.csv"
+VOLUME_COLUMNS = ("session", "run", "index", "received_unix_s", *MOTION_PARAMS, "fd_mm", "seen_unix_s",
+                  "read_unix_s", "registered_unix_s", "sent_unix_s")
+BRIDGE_STAGES = ("file_read", "register", "send", "transit", "scanner_to_service")  # ms, per volume
+FD_THRESHOLD_MM = 0.5  # framewise displacement flagged, as in common real-time QA (Power et al. 2012's 0.5 mm)
 # Bar colours of the stages within end_to_end; a stage added to TIMING_STAGES later gets a grey one.
 STAGE_COLORS = {"receive": "tab:blue", "journal": "tab:cyan", "glm": "tab:green", "queue": "tab:pink",
                 "decode": "tab:purple", "generate": "tab:orange", "publish": "tab:brown"}
@@ -98,19 +112,52 @@ class LatencyLog:
         self._file.flush()  # a process crash then loses nothing written; no fsync, which costs ms per result
 
 
+class VolumeLog:
+    """One CSV row per volume the service accepted: its motion and the bridge's times (empty cells for a
+    sender that sends neither), appended and flushed as they come."""
+
+    def __init__(self, path_csv: Path):
+        self.path = Path(path_csv)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        needs_header = _prepare_for_append(self.path, VOLUME_COLUMNS)
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        if needs_header:
+            self._writer.writerow(VOLUME_COLUMNS)
+
+    def add(self, volume: Volume, *, received_unix_s: float) -> None:
+        motion, times = volume.motion, volume.bridge
+        motion_cells = [""] * 7 if motion is None else [f"{v:.6g}" for v in (*motion.params_6, motion.fd_mm)]
+        time_cells = [""] * 3 if times is None else [f"{t:.6f}" for t in (times.seen_unix_s, times.read_unix_s,
+                                                                          times.registered_unix_s)]
+        self._writer.writerow([volume.session, volume.run, volume.index, f"{received_unix_s:.6f}", *motion_cells,
+                               *time_cells, f"{volume.envelope.sent_unix_s:.6f}"])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> VolumeLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def _cell(value: Any, spec: str = "{}") -> str:
     return "" if value is None else spec.format(value)
 
 
-def _prepare_for_append(path: Path) -> bool:
+def _prepare_for_append(path: Path, columns: tuple[str, ...] = COLUMNS) -> bool:
     """Whether `path` needs a header. Checks the header of an existing file, and cuts a last line left
     without its newline: a crash interrupted that write, and the row is incomplete."""
     content = path.read_bytes() if path.exists() else b""
-    header = ",".join(COLUMNS).encode()
+    header = ",".join(columns).encode()
     complete = content[:content.rfind(b"\n") + 1]
     first_line = content.split(b"\n", 1)[0].rstrip(b"\r")
     if not (first_line == header if complete else header.startswith(content)):
-        raise FormatError(path, "line 1 (header) of a latency log", header.decode(),
+        raise FormatError(path, f"line 1 (header) of a {'latency' if columns == COLUMNS else 'volume'} log",
+                          header.decode(),
                           first_line[:300].decode("utf-8", errors="replace"))
     if len(complete) < len(content):
         log.warning("latency log %s: dropping a last line cut short (%d bytes), likely by a crash", path,
@@ -207,6 +254,60 @@ def _parse_cell(path: Path, line: int, column: str, text: str) -> Any:
         raise FormatError(path, f"line {line}, column '{column}'", expected, repr(text[:60])) from None
 
 
+def read_volumes_csv(path: str | Path) -> list[dict]:
+    """The rows of a volume log as dicts keyed by `VOLUME_COLUMNS`: numbers, None for empty cells."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.reader(file)
+        header = next(reader, None)
+        if header != list(VOLUME_COLUMNS):
+            raise FormatError(path, "line 1 (header) of a volume log", ",".join(VOLUME_COLUMNS),
+                              "an empty file" if header is None else ",".join(header)[:300])
+        rows = []
+        for cells in reader:
+            if len(cells) != len(VOLUME_COLUMNS):
+                raise FormatError(path, f"line {reader.line_num}", f"{len(VOLUME_COLUMNS)} cells", f"{len(cells)}")
+            try:
+                rows.append({column: cell if column == "session" else (None if cell == "" else float(cell))
+                             for column, cell in zip(VOLUME_COLUMNS, cells)})
+            except ValueError:
+                raise FormatError(path, f"line {reader.line_num}", "numbers or empty cells",
+                                  repr(cells)[:200]) from None
+    return rows
+
+
+def bridge_stages_ms(row: dict) -> dict[str, float | None]:
+    """The bridge's stages of one volume-log row, in ms (None where the sender gave no times)."""
+    seen, read, registered = row["seen_unix_s"], row["read_unix_s"], row["registered_unix_s"]
+    if seen is None:
+        return dict.fromkeys(BRIDGE_STAGES)
+    sent, received = row["sent_unix_s"], row["received_unix_s"]
+    return {"file_read": 1e3 * (read - seen), "register": 1e3 * (registered - read),
+            "send": 1e3 * (sent - registered), "transit": 1e3 * (received - sent),
+            "scanner_to_service": 1e3 * (received - seen)}
+
+
+def _statistics(values_ms: np.ndarray) -> dict[str, float]:
+    percentiles = np.percentile(values_ms, PERCENTILES)  # numpy's default linear interpolation
+    return {"n": int(values_ms.size), "mean": float(values_ms.mean()),
+            **{f"p{q}": float(p) for q, p in zip(PERCENTILES, percentiles)}, "max": float(values_ms.max())}
+
+
+def summarize_volumes(rows: list[dict]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """(bridge stage -> statistics in ms, framewise displacement summary) of a volume log's rows."""
+    stages = {}
+    per_volume = [bridge_stages_ms(row) for row in rows]
+    for stage in BRIDGE_STAGES:
+        values_ms = np.array([v[stage] for v in per_volume if v[stage] is not None], dtype=np.float64)
+        if values_ms.size:
+            stages[stage] = _statistics(values_ms)
+    fd_mm = np.array([row["fd_mm"] for row in rows if row["fd_mm"] is not None], dtype=np.float64)
+    motion = {} if fd_mm.size == 0 else {
+        "volumes": int(fd_mm.size), "fd_mean_mm": float(fd_mm.mean()), "fd_max_mm": float(fd_mm.max()),
+        "threshold_mm": FD_THRESHOLD_MM, "volumes_over_threshold": int((fd_mm > FD_THRESHOLD_MM).sum())}
+    return stages, motion
+
+
 # ---- summary ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -222,6 +323,8 @@ class LatencyReport:
     top1_hits: int
     top1_countable: int  # decoded results whose seen image was a candidate (realtime.hits)
     top1_hit_rate: float | None  # top1_hits / top1_countable
+    bridge_stages: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # volumes.csv, when there
+    motion: dict[str, float] = dataclasses.field(default_factory=dict)  # framewise displacement summary
 
     def format(self) -> str:
         """A table for the terminal."""
@@ -235,6 +338,15 @@ class LatencyReport:
             lines.append(f"{stage:<12}{values['n']:>6}" + "".join(f"{values[name]:>10.2f}" for name in statistics))
         if not self.stages:
             lines.append("(no decoded, non-recovered result)")
+        if self.bridge_stages:
+            lines.append("the bridge's stages per volume, in ms (transit: two clocks, see docs/bridge.md):")
+            lines.append(f"{'stage':<19}{'n':>6}" + "".join(f"{name:>10}" for name in statistics))
+            for stage, values in self.bridge_stages.items():
+                lines.append(f"{stage:<19}{values['n']:>6}" + "".join(f"{values[name]:>10.2f}" for name in statistics))
+        if self.motion:
+            lines.append(f"head motion: {self.motion['volumes']} volumes, framewise displacement mean "
+                         f"{self.motion['fd_mean_mm']:.3f} mm, max {self.motion['fd_max_mm']:.3f} mm, "
+                         f"{self.motion['volumes_over_threshold']} over {self.motion['threshold_mm']:g} mm")
         return "\n".join(lines)
 
 
@@ -243,21 +355,18 @@ def _is_measured(row: dict) -> bool:
     return "skipped" not in row["flags"] and "recovered" not in row["flags"]
 
 
-def summarize(rows: list[dict]) -> LatencyReport:
-    """The report of rows as `read_latency_csv` returns them."""
+def summarize(rows: list[dict], volume_rows: list[dict] = ()) -> LatencyReport:
+    """The report of rows as `read_latency_csv` returns them (and `read_volumes_csv`'s, when there)."""
     measured = [row for row in rows if _is_measured(row)]
     stages = {}
     for stage in TIMING_STAGES:
         values_ms = np.array([row[stage] for row in measured if row[stage] is not None], dtype=np.float64)
-        if values_ms.size == 0:
-            continue
-        percentiles = np.percentile(values_ms, PERCENTILES)  # numpy's default linear interpolation
-        stages[stage] = {"n": int(values_ms.size), "mean": float(values_ms.mean()),
-                         **{f"p{q}": float(p) for q, p in zip(PERCENTILES, percentiles)},
-                         "max": float(values_ms.max())}
+        if values_ms.size:
+            stages[stage] = _statistics(values_ms)
     tally = Top1Tally()
     for row in rows:
         tally.add(row["hit"])  # the log wrote it with realtime.hits; empty: not countable
+    bridge_stages, motion = summarize_volumes(list(volume_rows))
     return LatencyReport(
         n_results=len(rows),
         n_decoded=sum("skipped" not in row["flags"] for row in rows),
@@ -265,16 +374,19 @@ def summarize(rows: list[dict]) -> LatencyReport:
         n_late=sum("late" in row["flags"] for row in rows),
         n_recovered=sum("recovered" in row["flags"] for row in rows),
         stages=stages,
-        top1_hits=tally.hits, top1_countable=tally.countable, top1_hit_rate=tally.rate)
+        top1_hits=tally.hits, top1_countable=tally.countable, top1_hit_rate=tally.rate,
+        bridge_stages=bridge_stages, motion=motion)
 
 
 def write_report(path_csv: str | Path, out_dir: str | Path | None = None) -> LatencyReport:
-    """Write latency.json (the report) and latency.png (the plot) next to `path_csv`, or in `out_dir`."""
+    """Write latency.json (the report) and latency.png (the plot) next to `path_csv`, or in `out_dir`;
+    a volumes.csv beside `path_csv` adds the bridge's stages and head motion."""
     path_csv = Path(path_csv)
     out_dir = path_csv.parent if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = read_latency_csv(path_csv)
-    report = summarize(rows)
+    volumes_csv = path_csv.parent / VOLUMES_CSV
+    report = summarize(rows, read_volumes_csv(volumes_csv) if volumes_csv.is_file() else ())
     (out_dir / REPORT_JSON).write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
     sessions = ", ".join(dict.fromkeys(row["session"] for row in rows)) or path_csv.name
     _plot(rows, report, out_dir / REPORT_PNG, title=f"latency of {sessions}")

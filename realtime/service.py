@@ -17,9 +17,13 @@ never re-executed. Trials already in results.jsonl are not published again; tria
 ready but never published are (flag `recovered`), once a viewer has resubscribed or
 `resume_hold_s` has passed.
 
+Each volume accepted live is also a row of volumes.csv: when it came and, from a scanner side that
+sends them (mindeye-bridge, protocol 1.3), its head motion and the bridge's stage times; the viewer
+plots its framewise displacement, and the latency report summarises both.
+
 out_dir holds: journal.mej (the session journal), results.jsonl (every published result),
-latency.csv (+ latency.json / latency.png at shutdown), betas/<session>_run-NN.npz (each finished
-run's betas), service.log.
+latency.csv (+ latency.json / latency.png at shutdown), volumes.csv, betas/<session>_run-NN.npz (each
+finished run's betas), service.log.
 """
 from __future__ import annotations
 
@@ -33,16 +37,17 @@ from pathlib import Path
 
 import zmq
 
+from mindeye.errors import index_spans
 from mindeye.journal import JournalWriter, read_journal
-from mindeye.protocol import (Ack, Message, ProtocolError, Reason, Stamper, bound_endpoint, decode, recv_frames,
-                              result_publisher, send, volume_receiver)
+from mindeye.protocol import (Ack, Message, ProtocolError, Reason, Stamper, Verdict, Volume, bound_endpoint, decode,
+                              recv_frames, result_publisher, send, volume_receiver)
 from mindeye.protocol.messages import MAX_FRAMES
 from mindeye.protocol.transport import CurveServer
 from realtime.admission import AddEvents, Admission, FinishRun, MissingVolume, RunKey, StartRun, Step, UseVolume
 from realtime.backends import DecodeBackend
 from realtime.decoder import Arrival, DecodeWorker, ResultsLog, TrialJob
 from realtime.glm import OnlineGLMSettings
-from realtime.latency import LATENCY_CSV, LatencyLog, write_report
+from realtime.latency import LATENCY_CSV, VOLUMES_CSV, LatencyLog, VolumeLog, write_report
 from realtime.pipeline import RunPipeline, SubjectRois, TrialOutcome
 
 log = logging.getLogger(__name__)
@@ -103,6 +108,7 @@ class RealtimeService:
         journal = JournalWriter(journal_path, fsync=self.settings.journal_fsync)  # cuts a torn tail, locks
         results_log = ResultsLog(out_dir / RESULTS_FILE)
         latency_log = LatencyLog(out_dir / LATENCY_CSV)
+        self._volume_log = VolumeLog(out_dir / VOLUMES_CSV)
         insecure = self.settings.allow_insecure
         receiver = volume_receiver(self.context, self.settings.volumes_endpoint, curve=self.curve,
                                    allow_insecure=insecure)
@@ -131,6 +137,7 @@ class RealtimeService:
             journal.close()
             results_log.close()
             latency_log.close()
+            self._volume_log.close()
             log.info("latency report:\n%s", write_report(out_dir / LATENCY_CSV).format())
 
     def _recover(self, journal_path: Path) -> None:
@@ -200,6 +207,10 @@ class RealtimeService:
                     judgement.detail)
         send(receiver, Ack(message.envelope.seq, judgement.verdict, judgement.reason, judgement.detail,
                            self._stamper.envelope()), peer=peer)
+        if isinstance(message, Volume) and judgement.verdict == Verdict.ACCEPTED:
+            self._volume_log.add(message, received_unix_s=arrived_unix_s)
+            if self.viewer is not None and message.motion is not None:
+                self.viewer.show_motion(message)
         self._process(steps)
 
     @contextlib.contextmanager
@@ -243,8 +254,9 @@ class RealtimeService:
                                           f"{step.run.session}_run-{step.run.run:02d}.npz")
                 log.info("run %d of session %s finished; betas in %s", step.run.run, step.run.session, path)
         for (session, run), indices in missing.items():
-            log.warning("run %d of session %s: %s never came; the GLM goes on without %s", run, session,
-                        _spans(indices), "it" if len(indices) == 1 else "them")
+            one = len(indices) == 1
+            log.warning("run %d of session %s: %s %s never came; the GLM goes on without %s", run, session,
+                        "volume" if one else "volumes", index_spans(indices), "it" if one else "them")
 
     def _hand_over(self, live: _LiveRun, outcomes: list[TrialOutcome], glm_ms: float, recovering: bool) -> None:
         for outcome in outcomes:
@@ -268,15 +280,3 @@ class RealtimeService:
                 "malformed": self.counters["malformed"], "internal_errors": self.counters["internal_errors"],
                 "open_runs": len(self.runs),
                 "decode_pending": self.worker.pending, **{f"trials_{k}": v for k, v in self.worker.counters.items()}}
-
-
-def _spans(indices: list[int]) -> str:
-    """"volume 4" or "volumes 4-9, 12" for ascending indices."""
-    spans: list[list[int]] = []
-    for index in indices:
-        if spans and index == spans[-1][1] + 1:
-            spans[-1][1] = index
-        else:
-            spans.append([index, index])
-    text = ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in spans)
-    return ("volume " if len(indices) == 1 else "volumes ") + text

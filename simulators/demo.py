@@ -1,8 +1,9 @@
 """mindeye-demo: the main job on the built-in default, a live decoding session on the synthetic world.
 
 1. Generates the world (or reuses it) and prints its summary.
-2. Trains a model for one subject on all but its last session (`mindeye-train`), or reuses it.
-3. Starts the realtime service (`mindeye-realtime`) with its live viewer.
+2. Trains a model for one subject on all but its last session (`mindeye-train`), or reuses it, and
+   exports it with the world's generator into a bundle (`mindeye-export`; plain eager by default).
+3. Starts the realtime service (`mindeye-realtime`) on that bundle, with its live viewer.
 4. Replays the held-out session over the wire, as a scanner would (`mindeye-replay`).
 5. Prints what it decoded and how fast, and keeps the service and viewer up until Ctrl-C
    (`stay_up=false` stops them at once, for tests and CI).
@@ -43,8 +44,26 @@ def train_model(cfg: DictConfig, root: Path, train_sessions: list[int]) -> Path:
     return checkpoint
 
 
-def start_service(cfg: DictConfig, root: Path, checkpoint: Path, out_dir: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "realtime.cli", f"checkpoint={checkpoint}", f"data.root={root}",
+def export_bundle(cfg: DictConfig, root: Path, checkpoint: Path) -> Path:
+    """The checkpoint's export bundle (`mindeye-export`, backend `export.backend`): made once per checkpoint,
+    then reused while its recorded weights are the checkpoint's."""
+    bundle = Path(cfg.export.out_dir)
+    manifest = bundle / "manifest.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        weights = json.loads((checkpoint / "config.json").read_text())["weights_sha256"]
+        if recorded["checkpoint"]["weights"]["sha256"] == weights and recorded["backend"] == cfg.export.backend:
+            print(f"bundle: reusing {bundle}")
+            return bundle
+    print(f"bundle: exporting {checkpoint} for {cfg.export.backend} -> {bundle}")
+    command = [sys.executable, "-m", "export.cli", f"checkpoint={checkpoint}", f"out_dir={bundle}", "overwrite=true",
+               f"backend={cfg.export.backend}", f"data.root={root}", f"generator_dir={cfg.export.generator}"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return bundle
+
+
+def start_service(cfg: DictConfig, root: Path, bundle: Path, out_dir: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "realtime.cli", f"bundle={bundle}", f"data.root={root}",
                f"out_dir={out_dir}", f"endpoints.volumes={cfg.service.volumes}",
                f"endpoints.results={cfg.service.results}", f"viewer.port={cfg.service.viewer_port}",
                f"decode.candidates={override(cfg.candidates)}",
@@ -157,8 +176,13 @@ def main(cfg: DictConfig) -> None:
     print(f"stage training: {stage_s['training']:.1f} s", flush=True)
 
     started = time.monotonic()
+    bundle = export_bundle(cfg, root, checkpoint)
+    stage_s["export"] = time.monotonic() - started
+    print(f"stage export: {stage_s['export']:.1f} s", flush=True)
+
+    started = time.monotonic()
     out_dir = Path(cfg.service.out_dir)
-    service = start_service(cfg, root, checkpoint, out_dir)
+    service = start_service(cfg, root, bundle, out_dir)
     try:
         banner(f"  live viewer: {url}   (open it in a browser)")
         runs = list(cfg.runs or range(1, cfg.world.session.runs + 1))

@@ -5,10 +5,11 @@ A message is a list of frames (bytes), as a DEALER sends it. Three kinds of host
 by hypothesis (`headers()`, `frames()`: for properties of `decode`, with shrinking) or by the seeded
 `Mutator` (`random_messages(seed, n)`: the million-message run, where hypothesis is far too slow):
 
-- fields: a well-formed message of any type (run_start, events, volume, run_end, and result and
-  ack, which the service must refuse on this socket) with fields anywhere in the header replaced by
-  hostile values (huge, negative, float, bool, NaN, string, null, nested, long, unicode), deleted,
-  or joined by extra fields; raw JSON no encoder writes (5000-digit numbers, 1e999, deep nesting);
+- fields: a well-formed message of any type (run_start, events, volume - half of them with 1.3's motion
+  and bridge times -, run_end, and result and ack, which the service must refuse on this socket) with
+  fields anywhere in the header replaced by hostile values (huge, negative, float, bool, NaN, string,
+  null, nested, long, unicode), deleted, or joined by extra fields; raw JSON no encoder writes
+  (5000-digit numbers, 1e999, deep nesting);
 - frames: frames dropped or added (up to 70), payloads truncated, extended or of the wrong size;
 - bytes: bit flips, insertions, deletions and splices of encoded frames.
 
@@ -115,6 +116,11 @@ def template(type_: str, rng: random.Random, *, sender: str = "fz0", seq: int = 
     grid = {"dtype": dtype, "shape": list(shape), "affine": [list(row) for row in affine]}
     if type_ == "volume":
         header.update(where, subject=subject, index=index, acq_time_s=index * tr_s, tr_s=tr_s, **grid)
+        if rng.random() < 0.5:  # a bridge's volume (1.3): its motion and scanner-side times, fuzzed like the rest
+            seen = header["sent_unix_s"] - 0.2
+            header.update(motion={"trans_x_mm": 0.4, "trans_y_mm": -0.1, "trans_z_mm": 0.9, "rot_x_rad": 0.003,
+                                  "rot_y_rad": -0.0007, "rot_z_rad": 0.0012, "fd_mm": 0.23},
+                          bridge={"seen": seen, "read": seen + 0.04, "registered": seen + 0.14})
         return header, [volume_bytes(tuple(shape), dtype)]
     if type_ == "run_start":
         header.update(where, subject=subject, tr_s=tr_s, n_volumes=rng.choice((None, 1, 73, 226)), **grid)

@@ -11,7 +11,8 @@ from mindeye.latents import PixelCodec
 from mindeye.models import build_model, save_calibration, save_checkpoint
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 from mindeye.targets import build_target_cache
-from realtime.backends import DecodeBackend, RetrievalBank, TorchBackend, candidate_image_ids, noise_seed
+from mindeye.bank import ExactBank
+from realtime.backends import DecodeBackend, TorchBackend, candidate_image_ids, noise_seed
 
 VOXELS = {"subj01": 40, "subj02": 50}
 TOKENS, DIM = 16, 32  # the tiny config's CLIP token shape
@@ -35,7 +36,7 @@ def checkpoint(tmp_path):
 @pytest.fixture
 def bank():
     rng = np.random.default_rng(2)
-    return RetrievalBank(np.arange(100, 112), rng.normal(size=(12, TOKENS, DIM)).astype(np.float32))
+    return ExactBank(np.arange(100, 112), rng.normal(size=(12, TOKENS, DIM)).astype(np.float32))
 
 
 def betas(n_trials: int, n_voxels: int, seed: int = 3) -> np.ndarray:
@@ -74,7 +75,7 @@ def test_outputs_equal_the_model_on_hand_z_scored_betas(checkpoint, bank):
     direct = direct_outputs(model, calibration, "subj01", b)
     # Retrieval: the cosine of the hand-computed retrieval tokens with every bank image, ranked.
     predicted = direct.retrieval_tokens.numpy().reshape(4, -1)
-    cosine = (predicted / np.linalg.norm(predicted, axis=1, keepdims=True)) @ bank.unit_tokens_nf.T
+    cosine = (predicted / np.linalg.norm(predicted, axis=1, keepdims=True)) @ bank.unit_rows_nf.float().numpy().T
     for row, cos_n in zip(out.top_k, cosine):
         order = np.argsort(-cos_n)
         assert [i for i, _ in row] == (bank.image_ids[order]).tolist()
@@ -130,30 +131,6 @@ def test_prior_sampler_is_passed_to_the_prior_and_validated(checkpoint):
         TorchBackend.from_checkpoint(path, prior_steps=4, prior_sampler="plms")
 
 
-def test_bank_top_k_hand_computed():
-    predicted = np.array([[[1.0, 0.0]]], dtype=np.float32)  # (B=1, L=1, D=2)
-    tokens = np.array([[[0.0, 2.0]], [[3.0, 0.0]], [[1.0, 1.0]], [[-1.0, 0.0]]], dtype=np.float32)
-    bank = RetrievalBank(np.array([10, 20, 30, 40]), tokens)
-    (row,) = bank.top_k(predicted, 3)
-    assert [i for i, _ in row] == [20, 30, 10]
-    np.testing.assert_allclose([s for _, s in row], [1.0, 1 / np.sqrt(2), 0.0], atol=1e-6)
-    (row,) = bank.top_k(predicted, 10)  # capped at the bank size
-    assert [i for i, _ in row] == [20, 30, 10, 40] and row[-1][1] == pytest.approx(-1.0)
-    # A larger bank: the same ranking as a full sort of the cosines.
-    rng = np.random.default_rng(4)
-    many_nld, predicted_bld = rng.normal(size=(200, 3, 4)), rng.normal(size=(2, 3, 4))
-    cosine = np.array([[p.ravel() @ t.ravel() / np.linalg.norm(p) / np.linalg.norm(t) for t in many_nld]
-                       for p in predicted_bld])
-    for row, cos_n in zip(RetrievalBank(np.arange(200) * 3, many_nld).top_k(predicted_bld, 10), cosine):
-        best = np.argsort(-cos_n)[:10]
-        assert [i for i, _ in row] == (best * 3).tolist()
-        np.testing.assert_allclose([s for _, s in row], cos_n[best], atol=1e-6)
-    with pytest.raises(ValueError, match=r"\(B, 1, 2\)"):
-        bank.top_k(np.zeros((1, 2, 2)), 1)
-    with pytest.raises(ValueError, match="unique"):
-        RetrievalBank(np.array([1, 1]), tokens[:2])
-
-
 def test_bad_input_is_named(checkpoint, bank, tmp_path):
     path, model, calibration = checkpoint
     backend = TorchBackend.from_checkpoint(path, prior_steps=0)
@@ -171,7 +148,7 @@ def test_bad_input_is_named(checkpoint, bank, tmp_path):
     with pytest.raises(ValueError, match=r"calibration of 'subj02' has mean \(45,\).*takes 50 voxels"):
         TorchBackend(model, {**calibration, "subj02": (np.zeros(45), np.ones(45))}, bank=None)
     with pytest.raises(ValueError, match="bank's tokens are"):
-        TorchBackend(model, calibration, bank=RetrievalBank(np.arange(2), np.ones((2, 4, DIM))))
+        TorchBackend(model, calibration, bank=ExactBank(np.arange(2), np.ones((2, 4, DIM))))
     with pytest.raises(ValueError, match="image_size is required"):
         TorchBackend(model, calibration, bank=None, codec=PixelCodec(8))
     save_checkpoint(model, tmp_path / "no_calibration")
@@ -228,7 +205,7 @@ def test_candidate_ids_and_bank_from_the_world(tiny_world, tmp_path):
     data_cfg = OmegaConf.create({"root": str(root), "cache_dir": str(tmp_path), "clip": "world",
                                  "low_level": {"kind": "pixels", "latent_size": 16}})
     targets = build_target_cache(data_cfg)
-    bank = RetrievalBank.from_targets(targets, shared)
+    bank = ExactBank.from_targets(targets, shared, dtype=torch.float32)  # scores to float32 rounding
     tokens, _ = targets.get(shared[:3])
     # An image's own tokens retrieve it first, with cosine 1.
     for image_id, ranked in zip(shared[:3], bank.top_k(tokens, 2)):
@@ -278,26 +255,6 @@ def test_a_generator_needs_the_prior_and_the_models_token_shape(checkpoint, tiny
     with pytest.raises(ValueError, match="different CLIP encoders"):
         TorchBackend.from_checkpoint(path, bank=None, image_size=24, prior_steps=2,
                                      generator=tiny_generator(token_dim=DIM * 2))
-
-
-def test_the_service_loads_only_a_generator_of_the_datas_clip_encoder(tmp_path, tiny_generator):
-    from mindeye.clip import clip_identity
-    from mindeye.config import load_config
-    from mindeye.targets import target_clip_config
-    from realtime.cli import load_generator
-
-    assert load_generator(load_config("realtime", ["checkpoint=x", "generate.generator=null"])) is None
-    pipe = tiny_generator()  # trained, as far as its config says, on "test-encoder"
-    pipe.save_pretrained(tmp_path / "gen")
-    cfg = load_config("realtime", ["checkpoint=x", f"generate.generator={tmp_path / 'gen'}",
-                                   f"data.root={tmp_path / 'world'}"])
-    cfg.data.clip = {"name": "tiny_vit", "weights": "random", "seed": 0,
-                     "vision": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 2, "heads": 4}}
-    with pytest.raises(ValueError, match="trained on tokens of CLIP encoder 'test-encoder'"):
-        load_generator(cfg)
-    pipe.register_to_config(clip_id=clip_identity(target_clip_config(cfg.data)))
-    pipe.save_pretrained(tmp_path / "gen")
-    assert load_generator(cfg).config.clip_id == clip_identity(cfg.data.clip)
 
 
 def test_the_refinement_stage_reruns_the_end_of_the_base_models_schedule_over_the_reconstruction(

@@ -25,6 +25,7 @@ COMMANDS = {  # console script -> module (pyproject.toml's [project.scripts])
     "mindeye-train": "offline_training.train",
     "mindeye-train-generator": "offline_training.train_generator",
     "mindeye-distill": "export.distill",
+    "mindeye-export": "export.cli",
     "mindeye-evaluate": "offline_training.evaluate",
     "mindeye-realtime": "realtime.cli",
     "mindeye-demo": "simulators.demo",
@@ -67,15 +68,16 @@ def test_a_missing_data_root_says_to_run_mindeye_world_or_set_data_root(tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_a_missing_checkpoint_says_to_train_one_and_leaves_no_run_folder(tmp_path):
-    result = run("realtime.cli", f"checkpoint={tmp_path / 'absent'}", f"out_dir={tmp_path / 'session'}")
+def test_a_missing_bundle_says_to_export_one_and_leaves_no_run_folder(tmp_path):
+    result = run("realtime.cli", f"bundle={tmp_path / 'absent'}", f"out_dir={tmp_path / 'session'}")
     line = assert_one_line(result, "mindeye-realtime", "missing file")
-    assert line == (f"mindeye-realtime: missing checkpoint: expected it at {tmp_path / 'absent'}/config.json (train "
-                    f"one with mindeye-train, which writes OUT_DIR/checkpoint, or pass checkpoint=PATH)")
+    assert line == (f"mindeye-realtime: missing export bundle: expected it at {tmp_path / 'absent'}/manifest.json (make "
+                    f"one with mindeye-export checkpoint=... out_dir=BUNDLE, or pass bundle=PATH)")
     (tmp_path / "run" / "checkpoint").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint" / "config.json").write_text("{}")
-    line = assert_one_line(run("realtime.cli", f"checkpoint={tmp_path / 'run'}"), "mindeye-realtime", "missing file")
-    assert line.endswith(f"({tmp_path / 'run'} is a training run: pass checkpoint={tmp_path / 'run' / 'checkpoint'})")
+    line = assert_one_line(run("realtime.cli", f"bundle={tmp_path / 'run'}"), "mindeye-realtime", "missing file")
+    assert line.endswith(f"make a bundle with mindeye-export checkpoint={tmp_path / 'run' / 'checkpoint'} out_dir=BUNDLE, "
+                         "then pass bundle=BUNDLE)")
     assert not (tmp_path / "session").exists()
 
 
@@ -109,11 +111,11 @@ def test_a_misspelt_key_gets_a_suggestion(tmp_path, module, app, argument, messa
 
 
 def test_debug_true_and_hydra_full_error_show_the_traceback(tmp_path):
-    arguments = (f"checkpoint={tmp_path / 'absent'}", f"out_dir={tmp_path / 'session'}")
+    arguments = (f"bundle={tmp_path / 'absent'}", f"out_dir={tmp_path / 'session'}")
     for result in (run("realtime.cli", *arguments, "debug=true"),
                    run("realtime.cli", *arguments, env={"HYDRA_FULL_ERROR": "1"})):
         assert result.returncode != 0 and "Traceback" in result.stderr
-        assert "MissingFileError: missing checkpoint" in result.stderr
+        assert "MissingFileError: missing export bundle" in result.stderr
     assert not (tmp_path / "session").exists()
 
 

@@ -10,7 +10,8 @@ import pytest
 import zmq
 
 from mindeye.protocol import bound_endpoint, recv, result_publisher, result_subscriber
-from realtime.backends import DecodedBatch, RetrievalBank
+from mindeye.bank import ExactBank
+from realtime.backends import DecodedBatch
 from realtime.decoder import Arrival, DecodeWorker, TrialJob
 
 
@@ -120,7 +121,7 @@ def test_each_trial_goes_out_with_its_own_reconstruction_as_png(sockets, tmp_pat
 def test_a_result_says_whether_its_seen_image_was_a_candidate(sockets):
     publisher, _ = sockets
     backend, published = PictureBackend(), []
-    backend.bank = RetrievalBank(np.array([7, 8]), np.ones((2, 1, 2)))  # the worker reads the bank's ids
+    backend.bank = ExactBank(np.array([7, 8]), np.ones((2, 1, 2)))  # the worker reads the bank's ids
     worker = DecodeWorker(backend, publisher, sinks=[lambda result, t, b: published.append(result)])
     worker.start()
     for trial, image_id in ((0, 7), (1, 9), (2, None)):

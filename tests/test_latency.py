@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 from mindeye.errors import FormatError, MissingFileError
-from mindeye.protocol import TIMING_STAGES, Envelope, Result, Retrieval
-from realtime.latency import COLUMNS, LatencyLog, main, read_latency_csv, summarize, write_report
+from mindeye.protocol import TIMING_STAGES, Envelope, Result, Retrieval, Volume
+from mindeye.protocol.messages import BridgeTimes, Motion
+from realtime.latency import (COLUMNS, VOLUMES_CSV, LatencyLog, VolumeLog, main, read_latency_csv, read_volumes_csv,
+                              summarize, write_report)
 
 PUBLISHED_S = 1.7e9
 
@@ -183,6 +185,39 @@ def test_write_report_of_an_empty_log(tmp_path):
     assert report.n_results == 0 and report.stages == {}
     assert "no decoded, non-recovered result" in report.format()
     assert (tmp_path / "latency.png").stat().st_size > 1000
+
+
+def _bridge_volume(index: int, seen_unix_s: float, fd_mm: float | None) -> Volume:
+    """A volume the bridge sent: file seen at `seen_unix_s`, read 20 ms later, registered 100 ms after
+    that, sent 5 ms after that; None: a replayer's volume, without motion or times."""
+    extra = {} if fd_mm is None else {
+        "motion": Motion((0.1, 0.0, 0.0, 0.0, 0.0, 0.0), fd_mm),
+        "bridge": BridgeTimes(seen_unix_s, seen_unix_s + 0.020, seen_unix_s + 0.120)}
+    return Volume.from_array(np.zeros((2, 2, 2), np.float32), session="subj01-nsd01", subject="subj01", run=1,
+                             index=index, acq_time_s=1.5 * index, tr_s=1.5, affine=np.eye(4),
+                             envelope=Envelope("bridge", index, seen_unix_s + 0.125), **extra)
+
+
+def test_the_bridge_stages_and_head_motion_join_the_report(tmp_path):
+    _write(tmp_path / "latency.csv", [_result(0, 100.0)])
+    with VolumeLog(tmp_path / VOLUMES_CSV) as volume_log:
+        for index, fd_mm in enumerate((0.0, 0.2, 0.8, None)):  # the last from a sender without motion
+            seen_unix_s = PUBLISHED_S + 1.5 * index
+            volume_log.add(_bridge_volume(index, seen_unix_s, fd_mm), received_unix_s=seen_unix_s + 0.125 + 0.002)
+    rows = read_volumes_csv(tmp_path / VOLUMES_CSV)
+    assert [row["index"] for row in rows] == [0, 1, 2, 3] and rows[3]["fd_mm"] is None and rows[2]["fd_mm"] == 0.8
+
+    report = write_report(tmp_path / "latency.csv")
+
+    means = {stage: values["mean"] for stage, values in report.bridge_stages.items()}
+    expected = {"file_read": 20.0, "register": 100.0, "send": 5.0, "transit": 2.0, "scanner_to_service": 127.0}
+    assert means == pytest.approx(expected, abs=0.01)  # ms, from times written to the microsecond
+    assert {values["n"] for values in report.bridge_stages.values()} == {3}
+    assert report.motion == {"volumes": 3, "fd_mean_mm": pytest.approx(1.0 / 3), "fd_max_mm": 0.8,
+                             "threshold_mm": 0.5, "volumes_over_threshold": 1}
+    text = report.format()
+    assert "register" in text and "head motion: 3 volumes" in text and "1 over 0.5 mm" in text
+    assert json.loads((tmp_path / "latency.json").read_text())["bridge_stages"]["register"]["n"] == 3
 
 
 def test_cli_writes_the_report_and_prints_the_table(tmp_path):

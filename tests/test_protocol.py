@@ -19,6 +19,7 @@ from mindeye.protocol import (MESSAGE_TYPES, PROTOCOL_VERSION, Ack, CurveClient,
                               ProtocolError, Reason, Result, Retrieval, RunEnd, RunStart, Stamper, Verdict, Volume,
                               bound_endpoint, create_keypair, decode, encode, load_keypair, messages, recv,
                               recv_with_peer, result_publisher, result_subscriber, send, volume_receiver, volume_sender)
+from mindeye.protocol.messages import BridgeTimes, Motion
 
 SHAPE = (81, 104, 83)  # NSD subj01, 1.8 mm
 AFFINE = ((1.8, 0.0, 0.0, -72.0), (0.0, 1.8, 0.0, -93.6), (0.0, 0.0, 1.8, -74.7), (0.0, 0.0, 0.0, 1.0))
@@ -52,8 +53,18 @@ def _result(trial: int = 3, with_images: bool = True) -> Result:
                   lowlevel_png=_png((90, 90, 90)) if with_images else None, image_is_candidate=True)
 
 
+def _bridge_volume(index: int = 7) -> Volume:
+    """A volume as mindeye-bridge sends it (1.3): with its motion and its times on the scanner side."""
+    plain = _volume(index, "float32", (6, 5, 4))
+    return Volume.from_array(plain.array(), session="subj01-nsd01", subject="subj01", run=1, index=index,
+                             acq_time_s=index * TR, tr_s=TR, affine=AFFINE, envelope=_envelope(index),
+                             motion=Motion((0.4, -0.1, 0.9, 0.003, -0.0007, 0.0012), 0.23),
+                             bridge=BridgeTimes(1.7e9, 1.7e9 + 0.04, 1.7e9 + 0.14))
+
+
 MESSAGES = {
     "volume": _volume(5),
+    "volume_with_motion": _bridge_volume(),
     "volume_float64": _volume(6, "float64", (7, 5, 3)),
     "run_start": RunStart("subj01-nsd01", "subj01", 1, TR, 226, "int16", SHAPE, AFFINE, _envelope()),
     "run_start_unknown_length": RunStart("s", "subj01", 2, 2.0, None, "float32", (4, 4, 4), AFFINE, _envelope()),
@@ -75,7 +86,7 @@ def test_every_message_type_round_trips(name):
     assert decoded == message
     assert type(decoded) is type(message)
     header = json.loads(encode(message)[0])
-    assert header["type"] == message.TYPE and header["protocol_version"] == PROTOCOL_VERSION == "1.2"
+    assert header["type"] == message.TYPE and header["protocol_version"] == PROTOCOL_VERSION == "1.3"
     assert header["seq"] == message.envelope.seq
 
 
@@ -319,6 +330,40 @@ def test_frame_sizes_are_checked_before_the_header_is_parsed():
         assert error.value.code == Reason.FRAME_SIZE and f"{messages.MAX_FRAME_BYTES + 1} bytes" in str(error.value)
 
 
+def test_motion_and_bridge_times_are_optional_and_checked():
+    frames = encode(_bridge_volume())
+    header = json.loads(frames[0])
+    assert header["motion"] == {"trans_x_mm": 0.4, "trans_y_mm": -0.1, "trans_z_mm": 0.9, "rot_x_rad": 0.003,
+                                "rot_y_rad": -0.0007, "rot_z_rad": 0.0012, "fd_mm": 0.23}
+    assert header["bridge"] == {"seen": 1.7e9, "read": 1.7e9 + 0.04, "registered": 1.7e9 + 0.14}
+    assert "motion" not in json.loads(encode(_volume(1))[0])  # absent, so a 1.2 volume's header is unchanged
+
+    def decoded(change) -> Volume:
+        edited = json.loads(frames[0])
+        change(edited)
+        return decode([json.dumps(edited).encode(), frames[1]])
+
+    old_sender = decoded(lambda h: (h.pop("motion"), h.pop("bridge"), h.update(protocol_version="1.2")))
+    assert old_sender.motion is None and old_sender.bridge is None
+    assert decoded(lambda h: h.update(motion=None, bridge=None)).motion is None
+    refusals = {  # edit -> (reason, text the error must hold)
+        "motion as a list": (lambda h: h.update(motion=[0.0] * 7), Reason.WRONG_TYPE, "'motion' must be an object"),
+        "a parameter missing": (lambda h: h["motion"].pop("rot_z_rad"), Reason.MISSING_FIELD, "'motion.rot_z_rad'"),
+        "translation past the bore": (lambda h: h["motion"].update(trans_y_mm=501), Reason.BAD_VALUE,
+                                      "'motion.trans_y_mm' must be >= -500.0 and <= 500.0"),
+        "rotation past pi": (lambda h: h["motion"].update(rot_x_rad=3.2), Reason.BAD_VALUE, "'motion.rot_x_rad'"),
+        "negative displacement": (lambda h: h["motion"].update(fd_mm=-0.1), Reason.BAD_VALUE, "'motion.fd_mm'"),
+        "a time as text": (lambda h: h["bridge"].update(read="now"), Reason.WRONG_TYPE, "'bridge.read'"),
+        "a clock in ms": (lambda h: h["bridge"].update(seen=1.7e12), Reason.BAD_VALUE, "'bridge.seen'"),
+        "read before seen": (lambda h: h["bridge"].update(read=1.7e9 - 1), Reason.BAD_VALUE,
+                             "'bridge' must hold non-decreasing times seen, read, registered"),
+    }
+    for name, (change, reason, text) in refusals.items():
+        with pytest.raises(ProtocolError, match=re.escape(text)) as error:
+            decoded(change)
+        assert error.value.code == reason, name
+
+
 def test_the_limits_have_the_documented_values():
     assert (messages.MAX_FRAMES, messages.MAX_HEADER_BYTES, messages.MAX_FRAME_BYTES) == (3, 1 << 20, 128 << 20)
     assert (messages.MAX_VOXELS, messages.MAX_RUN_VOLUMES, messages.MAX_TRIALS, messages.MAX_RUN) == (
@@ -327,11 +372,12 @@ def test_the_limits_have_the_documented_values():
         86_400.0, 600.0, 0.1, 1e5)
     # the largest volume allowed fits one payload frame
     assert messages.MAX_VOXELS * 8 <= messages.MAX_FRAME_BYTES
-    assert Reason.LIMIT == "limit" and PROTOCOL_VERSION == "1.2"
+    assert Reason.LIMIT == "limit" and PROTOCOL_VERSION == "1.3"
     limits = Path(mindeye.protocol.__file__).parents[2].joinpath("docs", "protocol.md").read_text()
     limits = limits.split("## Limits", 1)[1].split("\n## ", 1)[0]
     for name in ("MAX_FRAMES", "MAX_HEADER_BYTES", "MAX_FRAME_BYTES", "MAX_VOXELS", "MAX_RUN_VOLUMES", "MAX_TRIALS",
-                 "MAX_RUN", "MAX_TIME_S", "MAX_DURATION_S", "MIN_TR_S", "MAX_ABS_MM", "max_open_runs",
+                 "MAX_RUN", "MAX_TIME_S", "MAX_DURATION_S", "MIN_TR_S", "MAX_ABS_MM", "MAX_MOTION_MM", "MAX_FD_MM",
+                 "max_open_runs",
                  "max_silence_s", "max_closed_runs", "max_waiting_runs", "max_senders"):
         assert f"`{name}`" in limits, name
 
@@ -410,10 +456,12 @@ def test_stamper_counts_messages_and_a_restart_draws_a_new_id():
 def test_the_examples_in_the_specification_decode():
     spec = Path(mindeye.protocol.__file__).parents[2] / "docs" / "protocol.md"
     examples = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", spec.read_text(), re.DOTALL)]
-    assert sorted(e["type"] for e in examples) == sorted(MESSAGE_TYPES)
+    assert {e["type"] for e in examples} == set(MESSAGE_TYPES)
+    assert any("motion" in e and "bridge" in e for e in examples)  # 1.3's volume fields are shown
     for header in examples:
         assert header["protocol_version"] == PROTOCOL_VERSION
-        payload = {"volume": [bytes(math.prod(header.get("shape", [])) * 2)],
+        itemsize = np.dtype(header.get("dtype", "int16")).itemsize
+        payload = {"volume": [bytes(math.prod(header.get("shape", [])) * itemsize)],
                    "result": [_png((0, 0, 0)) for _ in header.get("frames", [])]}.get(header["type"], [])
         message = decode([json.dumps(header).encode(), *payload])
         assert message.TYPE == header["type"] and message.envelope.seq == header["seq"]

@@ -38,6 +38,18 @@ from simulators.replay.sources import NSDSource, design_events
 SUBJECT, SESSION = 1, 5
 
 
+@pytest.fixture(scope="module")
+def bundle(tiny_world, checkpoint, tmp_path_factory) -> Path:
+    """The untrained checkpoint as a plain eager bundle (mindeye-export backend=eager), what the service loads."""
+    from export.cli import export_bundle
+    from mindeye.clip import clip_identity
+    from mindeye.targets import target_clip_config
+
+    data = load_config("realtime", ["bundle=x", f"data.root={tiny_world[0]}"]).data
+    return export_bundle(checkpoint, tmp_path_factory.mktemp("bundle") / "eager", backend="eager",
+                         clip_id=clip_identity(target_clip_config(data))).root
+
+
 def expected_betas(root: Path, run: int) -> dict[int, np.ndarray]:
     """Trial -> beta of the GLM fed the clean run directly, volume by volume (the service's reference)."""
     layout = NSDLayout(root)
@@ -100,10 +112,10 @@ def n_trials(root: Path, run: int) -> int:
 
 
 def test_an_unknown_prior_sampler_is_refused_before_anything_loads(tmp_path):
-    cfg = load_config("realtime", [f"checkpoint={tmp_path / 'absent'}", "decode.prior_sampler=euler"])
+    cfg = load_config("realtime", [f"bundle={tmp_path / 'absent'}", "decode.prior_sampler=euler"])
     with pytest.raises(ValueError, match=r"unknown prior sampler 'euler'; choose one of ddim, dpmpp"):
         build_service(cfg)
-    assert load_config("realtime", ["checkpoint=x"]).decode.prior_sampler in ("ddim", "dpmpp")
+    assert load_config("realtime", ["bundle=x"]).decode.prior_sampler in ("ddim", "dpmpp")
 
 
 def test_a_clean_run_gives_every_trial_once_with_the_reference_betas(tiny_world, checkpoint, tmp_path):
@@ -257,8 +269,8 @@ def test_the_journal_holds_every_accepted_volume_and_replays_to_the_same_betas(t
         np.testing.assert_array_equal(betas_of_run(second_dir, 1)[trial], beta)
 
 
-def service_process(root: Path, checkpoint: Path, out_dir: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "realtime.cli", f"checkpoint={checkpoint}", f"data.root={root}",
+def service_process(root: Path, bundle: Path, out_dir: Path, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "realtime.cli", f"bundle={bundle}", f"data.root={root}",
                f"out_dir={out_dir}", f"endpoints.volumes=tcp://127.0.0.1:{port}",
                f"endpoints.results=tcp://127.0.0.1:{port + 1}", "viewer.enabled=false", "decode.prior_steps=2",
                "journal_fsync=never"]
@@ -279,7 +291,7 @@ def wait_listening(out_dir: Path, process: subprocess.Popen, life: int, timeout_
     raise AssertionError("service did not start listening")
 
 
-def test_kill_9_mid_run_and_restart_loses_nothing_and_counts_nothing_twice(tiny_world, checkpoint, tmp_path):
+def test_kill_9_mid_run_and_restart_loses_nothing_and_counts_nothing_twice(tiny_world, bundle, tmp_path):
     """SIGKILL after ~half the run; the restarted service resumes from its journal; the restarted
     sender resends the whole run. Betas equal the clean reference; every trial is published once."""
     root = tiny_world[0]
@@ -296,7 +308,7 @@ def test_kill_9_mid_run_and_restart_loses_nothing_and_counts_nothing_twice(tiny_
         def runs(self):
             yield half
 
-    process = service_process(root, checkpoint, tmp_path, port)
+    process = service_process(root, bundle, tmp_path, port)
     try:
         wait_listening(tmp_path, process, life=1)
         replay(Partial(), f"tcp://127.0.0.1:{port}")
@@ -307,7 +319,7 @@ def test_kill_9_mid_run_and_restart_loses_nothing_and_counts_nothing_twice(tiny_
     before = {r["trial"] for r in results(tmp_path)}
     assert before, "nothing was published before the kill"
 
-    process = service_process(root, checkpoint, tmp_path, port)
+    process = service_process(root, bundle, tmp_path, port)
     try:
         wait_listening(tmp_path, process, life=2)
         summary = replay(source, f"tcp://127.0.0.1:{port}")
@@ -333,14 +345,14 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_a_busy_viewer_port_ends_the_service_with_one_line_naming_viewer_port(tiny_world, checkpoint, tmp_path):
+def test_a_busy_viewer_port_ends_the_service_with_one_line_naming_viewer_port(tiny_world, bundle, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "realtime.cli", f"checkpoint={checkpoint}",
+        done = subprocess.run([sys.executable, "-m", "realtime.cli", f"bundle={bundle}",
                                f"data.root={tiny_world[0]}", f"out_dir={tmp_path / 'session'}", f"viewer.port={port}",
-                               "decode.prior_steps=2", "generate.generator=null"],
+                               "decode.prior_steps=2", "generate.enabled=false"],
                               capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 5, done.stderr[-3000:]  # mindeye.cli.EXIT_CODES["busy port"]
     assert "Traceback" not in done.stderr
@@ -377,7 +389,7 @@ def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_pat
     top1 = re.search(r"top-1 retrieval among (\d+) candidate images: [\d.]+ % \((\d+) of (\d+) trials whose seen "
                      r"image was a candidate\)", done.stdout)
     assert top1 and top1[3] == decoded[2], done.stdout[-2000:]
-    for stage in ("world", "training", "live"):
+    for stage in ("world", "training", "export", "live"):
         assert re.search(rf"^stage {stage}: \d+\.\d s", done.stdout, re.MULTILINE), done.stdout[-2000:]
     assert done.stdout.count(f"http://127.0.0.1:{viewer}/") >= 2  # announced, then up
 

@@ -23,7 +23,9 @@ from PIL import Image
 
 from mindeye.nsd import StimulusBrick
 from mindeye.nsd.files import write_stimuli
-from mindeye.protocol import Envelope, Result, Retrieval, bound_endpoint, result_publisher, result_subscriber, send
+from mindeye.protocol import (Envelope, Result, Retrieval, Volume, bound_endpoint, result_publisher, result_subscriber,
+                              send)
+from mindeye.protocol.messages import Motion
 from realtime.viewer import LiveViewer
 from realtime.viewer.__main__ import relay
 from realtime.viewer.server import CLIENT_QUEUE_EVENTS
@@ -148,6 +150,8 @@ def test_page_renders_history_in_chromium(viewer):
     for result in results:  # before the page loads: they reach it as the stream's history
         viewer.show(result)
     viewer.set_status({"volumes_accepted": 42, "queue_length": 3})
+    for index, fd_mm in enumerate((0.0, 0.2, 0.9, 0.1)):  # volume 2 moved more than the 0.5 mm threshold
+        viewer.show_motion(moving_volume(index, fd_mm))
 
     with HeadlessChromium(chromium, window=(1400, 3000)) as browser:  # tall: no image waits for a scroll
         open_page(browser, viewer.url, cards=4, status_text="42")
@@ -182,6 +186,17 @@ def test_page_renders_history_in_chromium(viewer):
     assert dom.text("stat-p50") == "110 ms"  # decoded end-to-end: 95, 110, 180
     status = dom.text("status")
     assert "volumes accepted" in status and "42" in status and "queue length" in status
+    fd_bars = dom.select("rect", "fd")
+    assert [b["attrs"]["data-index"] for b in fd_bars] == ["0", "1", "2", "3"]  # one bar per volume, in order
+    assert [b["attrs"]["data-index"] for b in fd_bars if "over" in b["classes"]] == ["2"]
+    assert dom.text("motion-summary") == "4 volumes, largest FD 0.90 mm, 1 over 0.5 mm"
+
+
+def moving_volume(index: int, fd_mm: float, session: str = "subj01-nsd01") -> Volume:
+    """A small volume carrying head motion, as mindeye-bridge sends it."""
+    return Volume.from_array(np.zeros((2, 2, 2), np.float32), session=session, subject="subj01", run=1, index=index,
+                             acq_time_s=index * 1.5, tr_s=1.5, affine=np.eye(4),
+                             envelope=Envelope("b1", index, 1.7e9), motion=Motion((0.1 * index, 0, 0, 0, 0, 0), fd_mm))
 
 
 # ---- the event stream -----------------------------------------------------------------------------
@@ -214,7 +229,7 @@ def test_result_shown_after_connecting_arrives_live(viewer):
     assert next_event(response)[0] == "hello"
     name, old = next_event(response)
     assert (name, old["trial"], old["n"]) == ("result", 0, 0)  # the history first
-    assert [next_event(response)[0] for _ in range(2)] == ["summary", "status"]
+    assert [next_event(response)[0] for _ in range(3)] == ["summary", "motion", "status"]
 
     viewer.show(make_result(7, image_id=4, top_ids=(3, 4), flags=("late",)))
     name, live = next_event(response)
@@ -227,6 +242,36 @@ def test_result_shown_after_connecting_arrives_live(viewer):
     viewer.set_status({"queue_length": 5})
     assert next_event(response) == ("status", {"queue_length": 5})
     response.close()
+
+
+def test_motion_streams_live_flags_volumes_over_the_threshold_and_restarts_with_a_session(viewer):
+    viewer.show_motion(moving_volume(0, 0.0))
+    response = open_events(viewer)
+    name, hello = next_event(response)
+    assert (name, hello["fd_threshold_mm"]) == ("hello", 0.5)
+    assert [next_event(response)[0] for _ in range(1)] == ["summary"]
+    name, snapshot = next_event(response)
+    assert (name, snapshot["snapshot"], len(snapshot["points"])) == ("motion", True, 1)
+    assert next_event(response)[0] == "status"
+    viewer.show_motion(moving_volume(1, 0.7))
+    name, live = next_event(response)
+    assert name == "motion" and not live["snapshot"]
+    assert live["points"] == [{"session": "subj01-nsd01", "run": 1, "index": 1, "fd_mm": 0.7,
+                               "params": [0.1, 0.0, 0.0, 0.0, 0.0, 0.0], "over": True}]
+    assert live["summary"] == {"session": "subj01-nsd01", "volumes": 2, "over": 1, "fd_max_mm": 0.7}
+    response.close()
+    with urllib.request.urlopen(viewer.url + "motion.json", timeout=10) as answer:
+        motion = json.load(answer)
+    assert [p["over"] for p in motion["points"]] == [False, True] and motion["fd_threshold_mm"] == 0.5
+    viewer.show_motion(moving_volume(0, 0.3, session="subj01-nsd02"))  # a new session: its own counts
+    with urllib.request.urlopen(viewer.url + "motion.json", timeout=10) as answer:
+        assert json.load(answer)["summary"] == {"session": "subj01-nsd02", "volumes": 1, "over": 0, "fd_max_mm": 0.3}
+    with pytest.raises(TypeError, match="carrying motion"):
+        viewer.show_motion(Volume.from_array(np.zeros((2, 2, 2), np.float32), session="s", subject="x", run=1,
+                                             index=0, acq_time_s=0.0, tr_s=1.5, affine=np.eye(4),
+                                             envelope=Envelope("b1", 9, 1.7e9)))
+    with pytest.raises(ValueError, match="fd_threshold_mm must be > 0"):
+        LiveViewer(fd_threshold_mm=0.0)
 
 
 def test_unread_client_never_blocks_show_and_resyncs(viewer):

@@ -28,12 +28,15 @@ from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 
-PROTOCOL_VERSION = "1.2"  # MAJOR.MINOR: a receiver accepts any minor version of its major
+from mindeye.motion import MOTION_PARAMS
+
+PROTOCOL_VERSION = "1.3"  # MAJOR.MINOR: a receiver accepts any minor version of its major
 PROTOCOL_MAJOR = 1
 DTYPES = ("int16", "uint16", "float32", "float64")  # volume sample types; little-endian on the wire
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMING_STAGES = ("receive", "journal", "glm", "queue", "decode", "generate", "publish", "end_to_end")
 RESULT_FLAGS = ("skipped", "merged", "late", "recovered")
+BRIDGE_STAGES = ("seen", "read", "registered")  # 1.3: a volume's times on the scanner side, then its `sent_unix_s`
 
 # Limits (docs/protocol.md, "Limits" gives the reasons for each value).
 MAX_FRAMES = 3  # a header and at most 2 payload frames (a result with both PNGs)
@@ -51,6 +54,8 @@ MAX_ABS_MM = 1e5  # affine entries: world coordinates within 100 m
 MAX_ABS_UNIX_S = 1e11  # sent_unix_s: year 5138
 MAX_IMAGE_ID = 2**31 - 1
 MAX_TEXT = 4096  # characters of any string (label, ack detail, flag)
+MAX_MOTION_MM = 500.0  # 1.3: a head translation; the bore is ~600 mm wide
+MAX_FD_MM = 1e4  # 1.3: framewise displacement; 6 parameters at their limits give < 4000 mm
 
 # Ids end up in file names (journals, logs): a safe character set rules out paths like "../x".
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -297,6 +302,55 @@ def _geometry_header(shape: Sequence[int], dtype: str, affine: Any) -> dict:
 # ---- messages ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Motion:
+    """1.3: the head's position when a volume was acquired, as the scanner side estimated it: the 6 rigid
+    parameters of mindeye.motion (`MOTION_PARAMS`, relative to the session's reference volume) and the
+    framewise displacement from the run's previous volume (Power 2012; 0 for the first)."""
+
+    params_6: tuple[float, float, float, float, float, float]
+    fd_mm: float
+
+    def _header(self) -> dict:
+        return {**dict(zip(MOTION_PARAMS, self.params_6)), "fd_mm": self.fd_mm}
+
+    @classmethod
+    def _read(cls, f: _Fields) -> Motion:
+        params = tuple(f.number(name, -MAX_MOTION_MM, MAX_MOTION_MM) if name.endswith("_mm")
+                       else f.number(name, -math.pi, math.pi) for name in MOTION_PARAMS)
+        return cls(params, f.number("fd_mm", 0.0, MAX_FD_MM))
+
+
+@dataclass(frozen=True)
+class BridgeTimes:
+    """1.3: when the scanner side handled a volume, on its clock (unix seconds): its file seen, read, and
+    registered (motion-corrected and resampled). When it was sent is the envelope's `sent_unix_s`."""
+
+    seen_unix_s: float
+    read_unix_s: float
+    registered_unix_s: float
+
+    def _header(self) -> dict:
+        return {"seen": self.seen_unix_s, "read": self.read_unix_s, "registered": self.registered_unix_s}
+
+    @classmethod
+    def _read(cls, f: _Fields) -> BridgeTimes:
+        times = [f.number(stage, -MAX_ABS_UNIX_S, MAX_ABS_UNIX_S) for stage in BRIDGE_STAGES]
+        if any(later < earlier for earlier, later in zip(times, times[1:])):
+            raise ProtocolError(Reason.BAD_VALUE, f"{f.where}: field '{f.prefix.rstrip('.')}' must hold "
+                                                  f"non-decreasing times {', '.join(BRIDGE_STAGES)}, got {times}")
+        return cls(*times)
+
+
+def _optional_object(f: _Fields, name: str, kind: type) -> Any:
+    """`kind` read from the object at `name`, or None when the field is absent (an older sender) or null."""
+    value = f.obj.get(name)
+    if value is None:
+        return None
+    f.expect(name, value, isinstance(value, dict), "an object or null")
+    return kind._read(_Fields(value, f.where, f"{f.prefix}{name}."))
+
+
+@dataclass(frozen=True)
 class Volume:
     """One preprocessed fMRI volume of a run; `data` holds X*Y*Z samples, C order, little-endian."""
 
@@ -312,10 +366,13 @@ class Volume:
     affine: tuple[tuple[float, ...], ...]  # 4x4 voxel -> world (mm), rows first
     data: Buffer
     envelope: Envelope
+    motion: Motion | None = None  # 1.3: optional, from a scanner side that corrects motion
+    bridge: BridgeTimes | None = None  # 1.3: optional, from a scanner side that reads the scanner's files
 
     @classmethod
     def from_array(cls, volume_xyz: np.ndarray, *, session: str, subject: str, run: int, index: int,
-                   acq_time_s: float, tr_s: float, affine: Any, envelope: Envelope) -> Volume:
+                   acq_time_s: float, tr_s: float, affine: Any, envelope: Envelope, motion: Motion | None = None,
+                   bridge: BridgeTimes | None = None) -> Volume:
         """A message holding a little-endian C-order copy of `volume_xyz` (X, Y, Z), so later
         changes to the array cannot alter what is sent."""
         if volume_xyz.ndim != 3:
@@ -326,7 +383,7 @@ class Volume:
         data = np.ascontiguousarray(volume_xyz, dtype=volume_xyz.dtype.newbyteorder("<")).tobytes()
         return cls(session, subject, run, index, float(acq_time_s), float(tr_s), volume_xyz.dtype.name,
                    tuple(volume_xyz.shape), tuple(tuple(float(v) for v in row) for row in np.asarray(affine)),
-                   data, envelope)
+                   data, envelope, motion, bridge)
 
     def array(self) -> np.ndarray:
         """The samples as a read-only (X, Y, Z) array viewing `data` (no copy)."""
@@ -335,22 +392,25 @@ class Volume:
         return view_xyz
 
     def _header(self) -> tuple[dict, list[Buffer]]:
+        optional = {name: part._header() for name, part in (("motion", self.motion), ("bridge", self.bridge))
+                    if part is not None}  # absent, not null: a 1.2 header stays byte for byte what it was
         return {"session": self.session, "subject": self.subject, "run": self.run, "index": self.index,
                 "acq_time_s": self.acq_time_s, "tr_s": self.tr_s,
-                **_geometry_header(self.shape, self.dtype, self.affine)}, [self.data]
+                **_geometry_header(self.shape, self.dtype, self.affine), **optional}, [self.data]
 
     @classmethod
     def _read(cls, f: _Fields, payload: list[memoryview], envelope: Envelope) -> Volume:
         message_fields = (f.identifier("session"), f.identifier("subject"), f.run(), f.volume_index("index"),
                           f.seconds("acq_time_s"), f.tr())
         dtype, shape, affine = f.dtype(), f.shape(), f.affine()
+        motion, bridge = _optional_object(f, "motion", Motion), _optional_object(f, "bridge", BridgeTimes)
         _frame_count(cls.TYPE, payload, 1)
         expected_bytes = math.prod(shape) * np.dtype(dtype).itemsize
         if payload[0].nbytes != expected_bytes:
             kind = "truncated" if payload[0].nbytes < expected_bytes else "oversized"
             raise ProtocolError(Reason.FRAME_SIZE, f"volume: frame 1 is {kind}: {payload[0].nbytes} bytes, expected "
                                                    f"{expected_bytes} ({'x'.join(map(str, shape))} {dtype})")
-        return cls(*message_fields, dtype, shape, affine, payload[0], envelope)
+        return cls(*message_fields, dtype, shape, affine, payload[0], envelope, motion, bridge)
 
 
 @dataclass(frozen=True)

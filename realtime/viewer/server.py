@@ -2,9 +2,10 @@
 
 Routes (GET):
   /                             the page (static/index.html + viewer.js + viewer.css; no external asset)
-  /events                       Server-Sent Events. On connect: `hello` {title, history, instance, stimuli}, every
-                                retained `result` (oldest first), a `summary`, the last `status`; then each
-                                new result (+ the summary after it) and each status as they come
+  /events                       Server-Sent Events. On connect: `hello` {title, history, instance, stimuli,
+                                fd_threshold_mm}, every retained `result` (oldest first), a `summary`, the
+                                retained head motion as one `motion` event, the last `status`; then each new
+                                result (+ the summary after it), each volume's motion and each status as they come
   /results.json                 {"title", "history", "stimuli", "summary", "status", "results": [...]}, oldest first.
                                 Images are not inlined: a result carries `image_url` / `lowlevel_url`
                                 (null when absent), which serve its PNGs while it is retained
@@ -12,6 +13,14 @@ Routes (GET):
   /result/<n>/lowlevel.png      its low-level image
   /stimulus/<image_id>.png      the stimulus from the NSD brick (404 without a brick or for an id out of range)
   /status.json                  the last `set_status` dict
+  /motion.json                  {"fd_threshold_mm", "summary", "points": [...]}: the retained volumes' motion
+
+Head motion (protocol 1.3): `show_motion(volume)` adds one point per volume - its run, index, framewise
+displacement and 6 parameters, `over` when FD exceeds `fd_threshold_mm` - to a bounded history
+(MOTION_HISTORY) and to a per-session summary (volumes, over the threshold, largest FD); the page plots
+FD per volume and marks those over the threshold. A `motion` event's data is {"points": [...],
+"summary": {...}, "snapshot"}: on connect all retained points (snapshot true: they replace the page's),
+then one point per volume (snapshot false: added).
 
 Results are numbered `n` = 0, 1, 2, ... in the order `show` received them. `show` never waits for a
 browser: each connected browser has a bounded queue; when it overflows (a browser that does not read)
@@ -37,9 +46,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mindeye.protocol import Result
+from mindeye.protocol import Result, Volume
 from realtime.decoder import encode_png
 from realtime.hits import Top1Tally, result_hit
+from realtime.latency import FD_THRESHOLD_MM
 
 if TYPE_CHECKING:
     from mindeye.nsd import StimulusBrick
@@ -50,6 +60,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_TYPES = {"viewer.js": "text/javascript; charset=utf-8", "viewer.css": "text/css; charset=utf-8"}
 CLIENT_QUEUE_EVENTS = 256  # updates queued per browser; beyond this they are dropped until it catches up
 STIMULUS_CACHE_PNGS = 128  # NSD stimuli are 425x425: ~200 kB of PNG each
+MOTION_HISTORY = 4096  # volumes whose motion is kept: a session of 12 NSD runs is 2712
 KEEPALIVE_S = 15.0  # an SSE comment this often finds dead connections and keeps proxies from closing them
 _RESULT_IMAGE = re.compile(r"/result/(\d{1,18})/(image|lowlevel)\.png")
 _STIMULUS = re.compile(r"/stimulus/(\d{1,18})\.png")
@@ -101,6 +112,19 @@ class _Tally:
                 "top1_rate": self.top1.rate, "top1_text": self.top1.format(),
                 "end_to_end_p50_ms": _percentile(self.end_to_end_ms, 50),
                 "end_to_end_p95_ms": _percentile(self.end_to_end_ms, 95)}
+
+
+@dataclass
+class _MotionTally:
+    """Head motion over the current session's volumes (a new session starts it afresh)."""
+
+    session: str | None = None
+    volumes: int = 0
+    over: int = 0
+    fd_max_mm: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"session": self.session, "volumes": self.volumes, "over": self.over, "fd_max_mm": self.fd_max_mm}
 
 
 @dataclass(frozen=True)
@@ -181,17 +205,22 @@ class LiveViewer:
     `show` and `set_status` are thread-safe and never wait on a browser (see the module docstring)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, stimuli: StimulusBrick | None = None,
-                 history: int = 200, title: str = "MindEye2 live"):
+                 history: int = 200, title: str = "MindEye2 live", fd_threshold_mm: float = FD_THRESHOLD_MM):
         if not 0 <= port <= 65535:
             raise ValueError(f"LiveViewer: port must be in 0..65535 (0 picks a free one), got {port}")
         if history < 1:
             raise ValueError(f"LiveViewer: history must be >= 1 result, got {history}")
+        if not fd_threshold_mm > 0:
+            raise ValueError(f"LiveViewer: fd_threshold_mm must be > 0 mm, got {fd_threshold_mm}")
         self.host, self.port, self.stimuli, self.history, self.title = host, port, stimuli, history, title
+        self.fd_threshold_mm = float(fd_threshold_mm)
         self.instance = secrets.token_hex(8)  # lets a page tell a restarted viewer from a reconnect
         self._lock = threading.Lock()  # guards everything below that show/set_status/handlers share
         self._shown: deque[_Shown] = deque(maxlen=history)
         self._next_n = 0
         self._tally = _Tally()
+        self._motion: deque[dict] = deque(maxlen=MOTION_HISTORY)
+        self._motion_tally = _MotionTally()
         self._status: dict = {}
         self._clients: set[_Client] = set()
         self._stopping = False
@@ -254,6 +283,25 @@ class LiveViewer:
             for client in self._clients:
                 client.offer(update)
 
+    def show_motion(self, volume: Volume) -> None:
+        """Plot `volume`'s framewise displacement (it must carry `motion`) and flag it over the threshold."""
+        if not isinstance(volume, Volume) or volume.motion is None:
+            raise TypeError("LiveViewer.show_motion: expected a mindeye.protocol.Volume carrying motion")
+        motion = volume.motion
+        point = {"session": volume.session, "run": volume.run, "index": volume.index, "fd_mm": motion.fd_mm,
+                 "params": list(motion.params_6), "over": motion.fd_mm > self.fd_threshold_mm}
+        with self._lock:
+            if volume.session != self._motion_tally.session:
+                self._motion_tally = _MotionTally(session=volume.session)
+            tally = self._motion_tally
+            tally.volumes += 1
+            tally.over += point["over"]
+            tally.fd_max_mm = max(tally.fd_max_mm, motion.fd_mm)
+            self._motion.append(point)
+            event = _sse("motion", {"points": [point], "summary": tally.as_dict(), "snapshot": False})
+            for client in self._clients:
+                client.offer(event)
+
     def set_status(self, status: dict) -> None:
         """Show `status` (JSON-able counters) in the page's status line."""
         if not isinstance(status, dict):
@@ -278,15 +326,22 @@ class LiveViewer:
     def _snapshot(self) -> bytes:
         """hello, the retained results, the summary and the status, as one SSE chunk. Call holding the lock."""
         hello = _sse("hello", {"title": self.title, "history": self.history, "instance": self.instance,
-                               "stimuli": self.stimuli is not None})
+                               "stimuli": self.stimuli is not None, "fd_threshold_mm": self.fd_threshold_mm})
+        motion = _sse("motion", {"points": list(self._motion), "summary": self._motion_tally.as_dict(),
+                                 "snapshot": True})
         return b"".join([hello, *(shown.event for shown in self._shown), _sse("summary", self._tally.as_dict()),
-                         _sse("status", self._status)])
+                         motion, _sse("status", self._status)])
 
     def _results_json(self) -> dict:
         with self._lock:
             return {"title": self.title, "history": self.history, "stimuli": self.stimuli is not None,
                     "summary": self._tally.as_dict(), "status": self._status,
                     "results": [shown.fields for shown in self._shown]}
+
+    def _motion_json(self) -> dict:
+        with self._lock:
+            return {"fd_threshold_mm": self.fd_threshold_mm, "summary": self._motion_tally.as_dict(),
+                    "points": list(self._motion)}
 
     def _status_json(self) -> dict:
         with self._lock:
@@ -365,6 +420,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(self.viewer._results_json())
         elif path == "/status.json":
             self._send_json(self.viewer._status_json())
+        elif path == "/motion.json":
+            self._send_json(self.viewer._motion_json())
         elif match := _RESULT_IMAGE.fullmatch(path):
             self._send_png(self.viewer._result_png(int(match[1]), match[2]), "no-cache")
         elif match := _STIMULUS.fullmatch(path):

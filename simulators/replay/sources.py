@@ -13,7 +13,6 @@ acquisition is over, at (i + 1) x TR, `run_end` with the last volume.
 """
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from mindeye.journal import read_journal
 from mindeye.nsd import NSDLayout, read_design, read_timeseries, subject_name, task_runs
 from mindeye.nsd.design import IMAGE_SECONDS
 from mindeye.nsd.files import read_tr
-from mindeye.protocol import DTYPES, Envelope, Event, Events, Message, ProtocolError, RunEnd, RunStart, Volume
+from mindeye.protocol import (DTYPES, Envelope, Event, Events, Message, ProtocolError, RunEnd, RunStart, Volume,
+                              read_bids_events)
 
 UNSENT = Envelope("unsent", 0, 0.0)  # placeholder: the sender stamps its own envelope at send time
 RESTART = "sender_restart"  # the `type` of the marker at which the sender restarts (a fault)
@@ -165,29 +165,6 @@ class NiftiSource:
         yield run_messages(np.asanyarray(image.dataobj), tr_s=tr_s, affine=image.affine, events=events,
                            session=session_id, subject=self.subject_id, run=self.run, dtype=self.dtype,
                            events_mode=self.events_mode)
-
-
-def read_bids_events(path: Path) -> tuple[Event, ...]:
-    """Trials from a BIDS events.tsv: `onset` and `duration` (s) required; `image_id` (integer or n/a)
-    and `trial_type` (the label) used when present."""
-    path = Path(path)
-    with open(path, newline="") as file:
-        rows = list(csv.DictReader(file, delimiter="\t"))
-    if not rows or not {"onset", "duration"} <= set(rows[0]):
-        raise FormatError(path, "BIDS events file", "a header with 'onset' and 'duration' columns and >= 1 row",
-                          f"columns {sorted(rows[0]) if rows else []}, {len(rows)} rows")
-    events = []
-    for trial, row in enumerate(rows):
-        try:
-            onset_s, duration_s = float(row["onset"]), float(row["duration"])
-            image_id = None if row.get("image_id") in (None, "", "n/a") else int(row["image_id"])
-        except ValueError as error:
-            raise FormatError(path, f"row {trial + 2}", "numbers in onset, duration (and image_id)",
-                              f"{error}") from None
-        if onset_s < 0 or duration_s < 0:
-            raise FormatError(path, f"row {trial + 2}", "onset and duration >= 0", f"{onset_s}, {duration_s}")
-        events.append(Event(trial, onset_s, duration_s, image_id, row.get("trial_type") or "event"))
-    return tuple(events)
 
 
 @dataclass(frozen=True)

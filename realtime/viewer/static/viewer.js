@@ -1,7 +1,8 @@
 "use strict";
 // MindEye2 live viewer. Events from /events (Server-Sent Events): `hello` (title, history size, whether
 // stimuli are served), `result` (one decoded trial, numbered n in arrival order), `summary` (session
-// counts), `status` (service counters). One card per result, newest first; a latency plot (inline SVG).
+// counts), `status` (service counters), `motion` (framewise displacement of volumes, from a scanner side
+// that estimates head motion). One card per result, newest first; a latency plot and an FD plot (inline SVG).
 
 const STAGES = ["receive", "journal", "glm", "queue", "decode", "generate", "publish"];
 const STAGE_COLORS = {
@@ -14,9 +15,14 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const PLOT_HEIGHT = 240;
 const PLOT_MARGIN = {left: 62, right: 14, top: 14, bottom: 40};
 
-const state = {instance: null, history: 200, stimuli: false, results: new Map()};  // n -> result
+const MOTION_HEIGHT = 160;
+const MOTION_HISTORY = 4096;
+
+const state = {instance: null, history: 200, stimuli: false, results: new Map(),  // n -> result
+               motion: [], fdThreshold: 0.5};  // motion: {session, run, index, fd_mm, params, over}, oldest first
 const cards = document.getElementById("cards");
 const plot = document.getElementById("latency-plot");
+const motionPlot = document.getElementById("motion-plot");
 let drawPending = false;
 
 // ---- small DOM helpers ---------------------------------------------------------------------------
@@ -194,7 +200,7 @@ function niceStep(maximum, ticks) {
 function scheduleDraw() {
   if (drawPending) return;
   drawPending = true;
-  setTimeout(() => { drawPending = false; drawPlot(); }, 50);
+  setTimeout(() => { drawPending = false; drawPlot(); drawMotion(); }, 50);
 }
 
 function drawLegend() {
@@ -279,6 +285,61 @@ function drawPlot() {
   plot.replaceChildren(...nodes);
 }
 
+// ---- head motion plot -----------------------------------------------------------------------------
+
+function addMotion(data) {
+  state.motion = data.snapshot ? data.points : state.motion.concat(data.points).slice(-MOTION_HISTORY);
+  const s = data.summary;
+  const summary = document.getElementById("motion-summary");
+  if (s.volumes) {
+    summary.textContent = `${s.volumes} volumes, largest FD ${s.fd_max_mm.toFixed(2)} mm, ${s.over} over `
+                          + `${state.fdThreshold} mm`;
+    summary.className = s.over ? "motion-summary flagged" : "motion-summary";
+  }
+  scheduleDraw();
+}
+
+function drawMotion() {
+  const width = Math.max(motionPlot.clientWidth, 400);
+  const {left, right, top} = PLOT_MARGIN, bottom = 28;
+  const plotW = width - left - right, plotH = MOTION_HEIGHT - top - bottom;
+  motionPlot.setAttribute("viewBox", `0 0 ${width} ${MOTION_HEIGHT}`);
+  const points = state.motion;
+  const highest = Math.max(state.fdThreshold * 2, ...points.map((p) => p.fd_mm));
+  const step = niceStep(highest, 4);
+  const yMax = Math.ceil(highest / step) * step;
+  const y = (mm) => top + plotH * (1 - mm / yMax);
+  const nodes = [];
+  for (let i = 0; i * step <= yMax * 1.0001; i++) {
+    nodes.push(svg("line", {class: "grid", x1: left, x2: width - right, y1: y(i * step), y2: y(i * step)}));
+    nodes.push(svg("text", {class: "tick", x: left - 6, y: y(i * step) + 4, "text-anchor": "end"},
+                   String(+(i * step).toFixed(2))));
+  }
+  nodes.push(svg("text", {class: "axis-label", transform: `translate(14 ${top + plotH / 2}) rotate(-90)`,
+                          "text-anchor": "middle"}, "FD (mm)"));
+  nodes.push(svg("text", {class: "axis-label", x: left + plotW / 2, y: MOTION_HEIGHT - 6, "text-anchor": "middle"},
+                 `volumes in arrival order (red: framewise displacement over ${state.fdThreshold} mm)`));
+  const slot = plotW / Math.max(points.length, 1);
+  points.forEach((p, i) => {
+    const previous = points[i - 1];
+    if (!previous || previous.run !== p.run || previous.session !== p.session) {
+      const x = left + slot * i;
+      if (previous) nodes.push(svg("line", {class: "run-sep", x1: x, x2: x, y1: top, y2: top + plotH}));
+      nodes.push(svg("text", {class: "run-label", x: x + 4, y: top + 10}, `run ${p.run}`));
+    }
+    const bar = svg("rect", {class: p.over ? "fd over" : "fd", x: left + slot * i + slot * 0.1, y: y(p.fd_mm),
+                             width: Math.max(0.5, slot * 0.8), height: Math.max(0, y(0) - y(p.fd_mm)),
+                             "data-run": p.run, "data-index": p.index});
+    bar.append(svg("title", {}, `run ${p.run} volume ${p.index}: FD ${p.fd_mm.toFixed(3)} mm`));
+    nodes.push(bar);
+  });
+  nodes.push(svg("line", {class: "threshold", x1: left, x2: width - right, y1: y(state.fdThreshold),
+                          y2: y(state.fdThreshold)}));
+  nodes.push(svg("line", {class: "axis", x1: left, x2: left, y1: top, y2: top + plotH}));
+  nodes.push(svg("line", {class: "axis", x1: left, x2: width - right, y1: top + plotH, y2: top + plotH}));
+  motionPlot.replaceChildren(...nodes);
+}
+
 // ---- the event stream -----------------------------------------------------------------------------
 
 function connect() {
@@ -288,16 +349,19 @@ function connect() {
   events.addEventListener("hello", (e) => {
     const hello = JSON.parse(e.data);
     if (state.instance !== null && state.instance !== hello.instance) clearResults();  // the viewer restarted
-    Object.assign(state, {instance: hello.instance, history: hello.history, stimuli: hello.stimuli});
+    Object.assign(state, {instance: hello.instance, history: hello.history, stimuli: hello.stimuli,
+                          fdThreshold: hello.fd_threshold_mm ?? state.fdThreshold});
     setText("title", hello.title);
     document.title = hello.title;
   });
   events.addEventListener("result", (e) => addResult(JSON.parse(e.data)));
   events.addEventListener("summary", (e) => applySummary(JSON.parse(e.data)));
   events.addEventListener("status", (e) => applyStatus(JSON.parse(e.data)));
+  events.addEventListener("motion", (e) => addMotion(JSON.parse(e.data)));
 }
 
 drawLegend();
 drawPlot();
+drawMotion();
 window.addEventListener("resize", scheduleDraw);
 connect();
