@@ -48,6 +48,7 @@ import h5py
 import numpy as np
 import torch
 
+from mindeye.cli import log_to
 from mindeye.config import load_config
 from mindeye.metrics import retrieval_top1
 from mindeye.models import load_calibration
@@ -55,7 +56,7 @@ from mindeye.nsd import ExpDesign, NSDLayout, TrialTable, read_betas, read_roi, 
 from mindeye.targets import build_target_cache
 from offline_training.data import average_by_image
 from realtime.backends import TorchBackend
-from realtime.cli import build_service, log_to
+from realtime.cli import build_service
 from simulators.replay import NSDSource, replay
 from simulators.replay.sources import Outgoing
 from simulators.world.stats import rowwise_corr
@@ -286,7 +287,7 @@ def main() -> None:
     out_dir = args.out.resolve() / "service"
     if out_dir.exists():
         shutil.rmtree(out_dir)  # an existing out_dir would be resumed from its journal
-    log_to(out_dir, "INFO")
+    log_to(out_dir / "service.log", "INFO")
     cfg = load_config("realtime", [f"checkpoint={checkpoint}", f"data.root={root}", f"out_dir={out_dir}",
                                    "endpoints.volumes='tcp://127.0.0.1:*'", "endpoints.results='tcp://127.0.0.1:*'",
                                    "viewer.enabled=false", "decode.candidates=shared", "journal_fsync=never"])

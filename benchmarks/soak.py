@@ -204,12 +204,12 @@ def serve(args) -> None:
     from mindeye.nsd import read_roi
     from mindeye.bank import ExactBank
     from realtime.backends import TorchBackend
-    from realtime.cli import log_to
+    from mindeye.cli import log_to
     from realtime.pipeline import SubjectRois
     from realtime.service import RealtimeService, ServiceSettings
 
     torch.set_num_threads(1)  # as configs/realtime.yaml: ingest keeps a core
-    log_to(args.out_dir, "INFO")
+    log_to(args.out_dir / "service.log", "INFO")
     checkpoint = args.work_dir / "checkpoint"
     config, _ = read_checkpoint_config(checkpoint)
     rng = np.random.default_rng(0)

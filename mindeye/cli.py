@@ -21,6 +21,7 @@ import contextlib
 import difflib
 import errno
 import functools
+import logging
 import os
 import re
 import sys
@@ -124,6 +125,15 @@ def port_taken(error: BaseException) -> bool:
 
 
 # ---- the usual missing inputs ---------------------------------------------------------------------------
+
+def log_to(log_file: Path, level: str) -> None:
+    """Log records at `level` to the console and to `log_file` (its folder made)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(level)
+
 
 def require_data_root(root, setting: str = "data.root") -> Path:
     """`root` if it holds an NSD tree (real NSD or the synthetic world), else a MissingFileError saying how

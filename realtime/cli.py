@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from mindeye.cli import command, port_taken, require_data_root
+from mindeye.cli import command, log_to, port_taken, require_data_root
 from mindeye.errors import ConfigValueError, MissingFileError, PortInUse
 
 if TYPE_CHECKING:  # torch and the model stack load in build_service: --help answers without them
@@ -128,20 +128,11 @@ def _load_for_data(folder: str, cfg: DictConfig):
     return load_pipeline(folder, device=cfg.decode.device, clip_id=clip_identity(target_clip_config(cfg.data)))
 
 
-def log_to(out_dir: Path, level: str) -> None:
-    """Console and out_dir/service.log."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out_dir / "service.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(level)
-
-
 @command("realtime", "mindeye-realtime")
 def main(cfg: DictConfig) -> None:
     require_bundle(cfg.bundle)        # the usual mistakes, answered before torch loads (build_service
     require_data_root(cfg.data.root)  # checks them again for its other callers)
-    log_to(Path(cfg.out_dir), cfg.log_level)
+    log_to(Path(cfg.out_dir) / "service.log", cfg.log_level)
     service = build_service(cfg)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -85,6 +85,16 @@ class CurveClient:
     secret_key_file: Path
     server_public_key_file: Path
 
+    @classmethod
+    def from_settings(cls, secret_key_file, server_public_key_file) -> CurveClient | None:
+        """A command's `curve` settings: both set -> a client; neither -> None (plain TCP); one -> refused."""
+        keys = (secret_key_file, server_public_key_file)
+        if keys == (None, None):
+            return None
+        if None in keys:
+            raise ConfigValueError("CURVE needs both curve.secret_key_file and curve.server_public_key_file")
+        return cls(Path(keys[0]), Path(keys[1]))
+
     def apply(self, socket: zmq.Socket) -> None:
         """Make `socket` a CURVE client of that server; call before connect."""
         socket.curve_publickey, socket.curve_secretkey = load_keypair(self.secret_key_file)

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from mindeye.cli import command, require_data_root
-from mindeye.errors import ConfigValueError
+from mindeye.cli import command, log_to, require_data_root
 from mindeye.protocol import CurveClient
 
 if TYPE_CHECKING:  # SimpleITK and pydicom load in build_bridge: --help answers without them
@@ -40,7 +39,8 @@ def build_bridge(cfg: DictConfig, *, context=None) -> Bridge:
                               endpoint=cfg.endpoint, first_run=runs.first, runs_by_series=by_series,
                               run_volumes=runs.volumes, run_idle_s=runs.idle_s, gap_wait_s=runs.gap_wait_s,
                               tr_s=runs.tr_s, events_file=runs.events_file, resend_after_s=cfg.resend_after_s)
-    return Bridge(settings, watcher, scanner_files.read_volume, space, context=context, curve=build_curve(cfg))
+    curve = CurveClient.from_settings(cfg.curve.secret_key_file, cfg.curve.server_public_key_file)
+    return Bridge(settings, watcher, scanner_files.read_volume, space, context=context, curve=curve)
 
 
 def calibration_reference(cfg: DictConfig, root: Path, out_dir: Path):
@@ -59,28 +59,10 @@ def calibration_reference(cfg: DictConfig, root: Path, out_dir: Path):
     return reference
 
 
-def build_curve(cfg: DictConfig) -> CurveClient | None:
-    keys = (cfg.curve.secret_key_file, cfg.curve.server_public_key_file)
-    if keys == (None, None):
-        return None
-    if None in keys:
-        raise ConfigValueError("CURVE needs both curve.secret_key_file and curve.server_public_key_file")
-    return CurveClient(Path(keys[0]), Path(keys[1]))
-
-
-def log_to(out_dir: Path, level: str) -> None:
-    """Console and out_dir/bridge.log."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out_dir / "bridge.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(level)
-
-
 @command("bridge", "mindeye-bridge")
 def main(cfg: DictConfig) -> None:
     require_data_root(cfg.data_root, "data_root")
-    log_to(Path(cfg.out_dir), cfg.log_level)
+    log_to(Path(cfg.out_dir) / "bridge.log", cfg.log_level)
     bridge = build_bridge(cfg)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -43,15 +43,6 @@ def build_source(cfg: DictConfig) -> Source:
     raise ConfigValueError(f"source must be nsd, nifti or journal, got {cfg.source!r}")
 
 
-def build_curve(cfg: DictConfig) -> CurveClient | None:
-    keys = (cfg.curve.secret_key_file, cfg.curve.server_public_key_file)
-    if keys == (None, None):
-        return None
-    if None in keys:
-        raise ConfigValueError("CURVE needs both curve.secret_key_file and curve.server_public_key_file")
-    return CurveClient(Path(keys[0]), Path(keys[1]))
-
-
 def build_folder_options(cfg: DictConfig, run_dir: Path) -> FolderOptions:
     """The scanner-folder sink's options from `cfg.folder`, `cfg.motion` and `cfg.faults`."""
     try:
@@ -81,8 +72,9 @@ def main(cfg: DictConfig) -> None:
             fault_log.write_text("".join(json.dumps(record) + "\n" for record in summary.fault_records))
         print(summary.format() + (f"\n  fault log: {fault_log}" if summary.fault_records else ""))
         return
+    curve = CurveClient.from_settings(cfg.curve.secret_key_file, cfg.curve.server_public_key_file)
     summary = replay(build_source(cfg), cfg.endpoint, faults=Faults.from_config(cfg.faults), seed=cfg.seed,
-                     speed=cfg.speed, curve=build_curve(cfg), fault_log=fault_log, ack_wait_s=cfg.ack_wait_s,
+                     speed=cfg.speed, curve=curve, fault_log=fault_log, ack_wait_s=cfg.ack_wait_s,
                      first_ack_wait_s=cfg.first_ack_wait_s)
     print(summary.format())
     if summary.unacked:
