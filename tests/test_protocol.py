@@ -619,6 +619,13 @@ def test_curve_admits_an_allowed_client(context, keys, curve_receiver):
     assert volume == MESSAGES["volume"]
 
 
+def test_curve_settings_are_both_keys_or_neither():
+    assert CurveClient.from_settings(None, None) is None
+    assert CurveClient.from_settings("a.key_secret", "b.key") == CurveClient(Path("a.key_secret"), Path("b.key"))
+    with pytest.raises(ValueError, match="CURVE needs both curve.secret_key_file and curve.server_public_key_file"):
+        CurveClient.from_settings("a.key_secret", None)
+
+
 @pytest.mark.parametrize("intruder", ["unknown_key", "no_curve"])
 def test_curve_refuses_other_clients(context, keys, curve_receiver, intruder):
     paths, _ = keys
