@@ -178,20 +178,26 @@ def _copy_generator(source: Path, target: Path) -> None:
             shutil.copytree(source / name, target / name)
 
 
-def _clear(out: Path, overwrite: bool) -> None:
-    """An empty `out` to write into: an existing bundle is replaced only with overwrite=true; a folder
-    holding anything else is never touched."""
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that is not free to write: a folder holding anything but a bundle, or a bundle
+    without overwrite=true. Checked first by the command, so a wrong out_dir is answered at once."""
     from mindeye.bundle import MANIFEST_FILE
 
     if not out.exists() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
         return
     if not (out / MANIFEST_FILE).is_file():
         raise OutDirInUse(f"out_dir={out} holds files that are not a bundle; choose another out_dir")
     if not overwrite:
         raise OutDirInUse(f"out_dir={out} holds a bundle already; pass overwrite=true to replace it, or choose "
                           "another out_dir")
-    shutil.rmtree(out)
+
+
+def _clear(out: Path, overwrite: bool) -> None:
+    """An empty `out` to write into: an existing bundle is replaced only with overwrite=true; a folder
+    holding anything else is never touched."""
+    _check_out_dir(out, overwrite)
+    if out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True)
 
 
@@ -202,6 +208,7 @@ def main(cfg: DictConfig) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     checkpoint = require_checkpoint(cfg.checkpoint)
+    _check_out_dir(Path(cfg.out_dir), cfg.overwrite)
     bundle = export_bundle(checkpoint, cfg.out_dir, clip_id=clip_identity(target_clip_config(cfg.data)),
                            generator=cfg.generator_dir, subjects=list(cfg.subjects) if cfg.subjects else None,
                            backend=cfg.backend, precision=cfg.precision, quantize_int8=cfg.quantize_int8,
