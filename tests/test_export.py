@@ -14,7 +14,7 @@ import torch
 
 from export.cli import export_bundle
 from export.parity import TOLERANCES, check_parity
-from mindeye.bundle import TorchGraphs, available_backends, load_graphs, model_graphs, read_manifest
+from mindeye.bundle import available_backends, load_graphs, read_manifest
 from mindeye.errors import ConfigValueError
 from mindeye.generator import GenerationSettings, build_pipeline
 from mindeye.latents import PixelCodec
@@ -143,20 +143,18 @@ def test_without_tensorrt_the_backend_says_what_to_install(onnx_bundle):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a CUDA GPU: pip install '.[tensorrt]' on a GPU host")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_engines_match_eager_within_their_tolerance(onnx_bundle, sources, precision):
-    _, _, model = sources
+def test_tensorrt_engines_match_eager_within_their_tolerance(onnx_bundle, precision):
     engines = load_graphs(onnx_bundle, "tensorrt", device="cuda", precision=precision, max_batch=4)
-    reference = TorchGraphs(model_graphs(model, ["subj01"]))
+    reference = load_graphs(onnx_bundle, "eager")  # the model's and the generator's graphs
     results = check_parity(onnx_bundle, reference, engines, TOLERANCES[f"tensorrt-{precision}"])
     assert results and all(r.passed for r in results), results
     assert any(p.name.endswith(f".{precision}.b4.engine") for p in (onnx_bundle.root / "engines").iterdir())
 
 
 @pytest.mark.slow  # torch.compile's inductor takes minutes on this CPU
-def test_torch_compile_matches_eager(onnx_bundle, sources):
-    _, _, model = sources
+def test_torch_compile_matches_eager(onnx_bundle):
     compiled = load_graphs(onnx_bundle, "compile")
-    results = check_parity(onnx_bundle, TorchGraphs(model_graphs(model, ["subj01"])), compiled, TOLERANCES["compile"],
+    results = check_parity(onnx_bundle, load_graphs(onnx_bundle, "eager"), compiled, TOLERANCES["compile"],
                            batches=(2,))
     assert [r.graph for r in results] == ["heads.subj01", "prior_denoiser", "generator_unet"]
     assert all(r.passed for r in results), results
