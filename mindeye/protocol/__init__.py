@@ -12,5 +12,5 @@ __all__ = ["DTYPES", "MESSAGE_TYPES", "PROTOCOL_VERSION", "RESULTS_ENDPOINT", "R
            "VOLUMES_ENDPOINT", "Ack", "CurveClient", "CurveServer", "Envelope", "Event", "Events",
            "InsecureEndpointError", "Message", "ProtocolError", "Reason", "Result", "Retrieval", "RunEnd", "RunStart",
            "Stamper", "Verdict", "Volume", "bound_endpoint", "create_keypair", "decode", "encode", "load_keypair",
-           "new_subscriptions", "read_bids_events", "recv", "recv_frames", "recv_with_peer", "result_publisher", "result_subscriber",
-           "send", "volume_receiver", "volume_sender"]
+           "new_subscriptions", "read_bids_events", "recv", "recv_frames", "recv_with_peer", "result_publisher",
+           "result_subscriber", "send", "volume_receiver", "volume_sender"]
