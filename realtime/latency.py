@@ -66,20 +66,40 @@ STAGE_COLORS = {"receive": "tab:blue", "journal": "tab:cyan", "glm": "tab:green"
 
 # ---- writing ------------------------------------------------------------------------------------------
 
-class LatencyLog:
-    """One CSV row per published result, appended and flushed as they come (a crash loses nothing already written)."""
+class _AppendedCsv:
+    """A CSV appended and flushed row by row (a crash loses nothing already written). `__init__` creates
+    the file with its header, or continues an existing one (a restarted service) whose header is the
+    same; another header is a FormatError. A last line cut short by a crash is dropped."""
 
-    def __init__(self, path_csv: Path):
-        """Create `path_csv` with its header, or continue an existing one (a restarted service) whose
-        header is the same; another header is a FormatError. A last line cut short by a crash is dropped."""
+    def __init__(self, path_csv: Path, columns: tuple[str, ...]):
         self.path = Path(path_csv)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        needs_header = _prepare_for_append(self.path)
+        needs_header = _prepare_for_append(self.path, columns)
         self._file = open(self.path, "a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file, lineterminator="\n")
-        self._unknown_stages: set[str] = set()
         if needs_header:
-            self._write(COLUMNS)
+            self._write(columns)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _write(self, cells: Iterable[Any]) -> None:
+        self._writer.writerow(cells)
+        self._file.flush()  # no fsync, which costs ms per row
+
+
+class LatencyLog(_AppendedCsv):
+    """One CSV row per published result."""
+
+    def __init__(self, path_csv: Path):
+        super().__init__(path_csv, COLUMNS)
+        self._unknown_stages: set[str] = set()
 
     def add(self, result: Result, *, published_unix_s: float, batch_size: int | None = None) -> None:
         """Append `result`'s row; `batch_size` is how many trials were decoded together with it."""
@@ -98,57 +118,28 @@ class LatencyLog:
                      f"{published_unix_s:.6f}", _cell(batch_size), FLAG_SEPARATOR.join(result.flags),
                      *stage_cells, _cell(top1), _cell(None if hit is None else int(hit))])
 
-    def close(self) -> None:
-        self._file.close()
 
-    def __enter__(self) -> LatencyLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _write(self, cells: Iterable[Any]) -> None:
-        self._writer.writerow(cells)
-        self._file.flush()  # a process crash then loses nothing written; no fsync, which costs ms per result
-
-
-class VolumeLog:
+class VolumeLog(_AppendedCsv):
     """One CSV row per volume the service accepted: its motion and the bridge's times (empty cells for a
-    sender that sends neither), appended and flushed as they come."""
+    sender that sends neither)."""
 
     def __init__(self, path_csv: Path):
-        self.path = Path(path_csv)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        needs_header = _prepare_for_append(self.path, VOLUME_COLUMNS)
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
-        self._writer = csv.writer(self._file, lineterminator="\n")
-        if needs_header:
-            self._writer.writerow(VOLUME_COLUMNS)
+        super().__init__(path_csv, VOLUME_COLUMNS)
 
     def add(self, volume: Volume, *, received_unix_s: float) -> None:
         motion, times = volume.motion, volume.bridge
         motion_cells = [""] * 7 if motion is None else [f"{v:.6g}" for v in (*motion.params_6, motion.fd_mm)]
         time_cells = [""] * 3 if times is None else [f"{t:.6f}" for t in (times.seen_unix_s, times.read_unix_s,
                                                                           times.registered_unix_s)]
-        self._writer.writerow([volume.session, volume.run, volume.index, f"{received_unix_s:.6f}", *motion_cells,
-                               *time_cells, f"{volume.envelope.sent_unix_s:.6f}"])
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> VolumeLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        self._write([volume.session, volume.run, volume.index, f"{received_unix_s:.6f}", *motion_cells, *time_cells,
+                     f"{volume.envelope.sent_unix_s:.6f}"])
 
 
 def _cell(value: Any, spec: str = "{}") -> str:
     return "" if value is None else spec.format(value)
 
 
-def _prepare_for_append(path: Path, columns: tuple[str, ...] = COLUMNS) -> bool:
+def _prepare_for_append(path: Path, columns: tuple[str, ...]) -> bool:
     """Whether `path` needs a header. Checks the header of an existing file, and cuts a last line left
     without its newline: a crash interrupted that write, and the row is incomplete."""
     content = path.read_bytes() if path.exists() else b""
