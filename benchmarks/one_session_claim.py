@@ -13,14 +13,16 @@ and reports top-1 test retrieval (image / brain; mean and spread over seeds) fro
 evaluation. Every run is the real command (`python -m offline_training.train ...`), logged in its
 own folder, so any row can be reproduced or inspected (log.jsonl, training.png).
 
-    python benchmarks/one_session_claim.py --world small --seeds 0 1 2 --pretrain-epochs 8 --subject-epochs 15 \
-        --override model.low_level.enabled=false                                  # the issue's benchmark
+    python benchmarks/one_session_claim.py --world small --seeds 0 1 2 --pretrain-epochs 6 --subject-epochs 12 \
+        --override model.low_level.enabled=false train.mixed_precision=bf16         # the issue's benchmark
     python benchmarks/one_session_claim.py --world tiny --out benchmarks/results/one_session_claim_tiny
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -39,7 +41,7 @@ CONDITIONS = ("finetune", "scratch", "all sessions", "finetune, no residual bloc
 def run_training(out_dir: Path, overrides: list[str], log) -> dict:
     """Run one training command to its last epoch (skipped if it got there; resumed if it was stopped part
     way, e.g. by the end of a session); its final log record, plus the trainable parameter count it
-    printed (`trainable`)."""
+    printed (`trainable`) and its epochs' time, training and evaluation (`seconds`)."""
     if not finished(out_dir):
         resume = (out_dir / "train_state").is_dir()
         command = [sys.executable, "-m", "offline_training.train", f"out_dir={out_dir}", "progress=false", "cpu=true",
@@ -50,10 +52,11 @@ def run_training(out_dir: Path, overrides: list[str], log) -> dict:
         with (out_dir / "stdout.txt").open("a" if resume else "w") as stdout:
             subprocess.run(command, check=True, stdout=stdout)
         log(f"  done in {time.time() - start:.0f} s")
-    final = json.loads((out_dir / "log.jsonl").read_text().strip().splitlines()[-1])
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().strip().splitlines()]
     stdout = out_dir / "stdout.txt"  # absent from runs made before it was kept
     trainable = re.search(r"trainable (\d+)", stdout.read_text()) if stdout.is_file() else None
-    return {**final, "trainable": int(trainable.group(1)) if trainable else None}
+    return {**records[-1], "trainable": int(trainable.group(1)) if trainable else None,
+            "seconds": sum(r["seconds"] for r in records)}
 
 
 def finished(out_dir: Path) -> bool:
@@ -93,6 +96,7 @@ def main() -> None:
 
     common = [f"model={model}", f"train={args.world}", *args.override]
     results: dict[float, dict[str, list[tuple[float, float]]]] = {}
+    seconds: dict[float, float] = {}  # per SNR, summed over its runs' epochs
     for noise in args.trial_noise:
         world_cfg = load_config("world_generate", [f"world={args.world}", f"world.snr.trial_noise_pct={noise}"]).world
         root = args.data_root / f"{args.world}-trialnoise{noise}"
@@ -105,8 +109,8 @@ def main() -> None:
         tag = f"noise{noise}"
         pretrained = runs_dir / f"{tag}-pretrain"
         pretrained_flat = runs_dir / f"{tag}-pretrain-noblocks"
-        run_training(pretrained, pre, log)
-        run_training(pretrained_flat, [*pre, "model.residual_blocks=false"], log)
+        seconds[noise] = run_training(pretrained, pre, log)["seconds"]
+        seconds[noise] += run_training(pretrained_flat, [*pre, "model.residual_blocks=false"], log)["seconds"]
         subject = [*common, *data, "subjects=[8]", "train.eval.sample_every=0"]
         if args.subject_epochs:
             subject.append(f"train.epochs={args.subject_epochs}")
@@ -128,13 +132,15 @@ def main() -> None:
                 final = run_training(runs_dir / f"{tag}-{name}", [*subject, *extra, f"seed={seed}"], log)
                 scores[condition].append((final["test/image_top1"], final["test/brain_top1"]))
                 trainable[condition] = final["trainable"]
+                seconds[noise] += final["seconds"]
                 chance = final["test/chance"]
         results[noise] = scores
-        write_table(args, results, chance, trainable)
+        write_table(args, results, chance, trainable, seconds)
     log_file.close()
 
 
-def write_table(args, results: dict, chance: float, trainable: dict[str, int | None]) -> None:
+def write_table(args, results: dict, chance: float, trainable: dict[str, int | None],
+                seconds: dict[float, float]) -> None:
     header = "| subject 8 trained on | " + " | ".join(
         f"trial noise {noise} %: image / brain top-1" for noise in results) + " |"
     lines = [f"# One-session fine-tuning vs scratch, `{args.world}` world", "",
@@ -159,10 +165,14 @@ def write_table(args, results: dict, chance: float, trainable: dict[str, int | N
                  for s in results.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{condition}: {n:,}" for condition, n in trainable.items() if n is not None)
-    lines += ["", f"Trainable parameters of subject 8's runs: {counts}."]
+    lines += ["", f"Trainable parameters of subject 8's runs: {counts}.", "",
+              "Training time (epochs, training and evaluation, summed over the runs; world generation and start-up "
+              "not included): " + ", ".join(f"trial noise {noise} %: {s / 3600:.2f} h" for noise, s in seconds.items())
+              + f"; in all {sum(seconds.values()) / 3600:.2f} h on this machine "
+              f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)."]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps(
-        {"world": args.world, "chance": chance, "seeds": args.seeds, "trainable": trainable,
+        {"world": args.world, "chance": chance, "seeds": args.seeds, "trainable": trainable, "seconds": seconds,
          "results": {str(k): v for k, v in results.items()}}, indent=2))
     print("\n".join(lines))
 

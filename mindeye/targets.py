@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -118,11 +119,27 @@ class TargetRows:
     def read(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 tokens (n, L, D) and low-level latents (n, C, S, S) for `image_ids` (any order, repeats)."""
         image_ids = np.asarray(image_ids)
-        rows = np.minimum(np.searchsorted(self.image_ids, image_ids), len(self.image_ids) - 1)
-        if np.any(self.image_ids[rows] != image_ids):
-            raise KeyError(f"images {np.setdiff1d(image_ids, self.image_ids)[:5]} are not in this target set")
+        self.positions(image_ids)
         with self._open("r") as f:
             return read_targets(f, image_ids)
+
+    def positions(self, image_ids: np.ndarray) -> np.ndarray:
+        """Where each of `image_ids` is in `self.image_ids` (and `read_all`'s rows); KeyError for others."""
+        at = np.minimum(np.searchsorted(self.image_ids, image_ids), len(self.image_ids) - 1)
+        if np.any(self.image_ids[at] != image_ids):
+            raise KeyError(f"images {np.setdiff1d(image_ids, self.image_ids)[:5]} are not in this target set")
+        return at
+
+    def stored_bytes(self) -> int:
+        """What the rows take as stored (float16 in the cache): the memory `read_all` needs."""
+        with self._open("r") as f:
+            return len(self.image_ids) * sum(f[name].dtype.itemsize * math.prod(f[name].shape[1:])
+                                             for name in ("tokens", "low_level"))
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row, in `image_ids` order and the cache's dtype: tokens (n, L, D), low-level (n, C, S, S)."""
+        with self._open("r") as f:
+            return f["tokens"][self.image_ids], f["low_level"][self.image_ids]
 
 
 def read_targets(f: h5py.File, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

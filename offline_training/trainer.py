@@ -57,15 +57,22 @@ RESUME_IGNORED_KEYS = ("out_dir", "resume", "progress", "train.stop_after_epoch"
 # --- data ----------------------------------------------------------------------------------------------
 
 class TargetTable:
-    """CLIP tokens and low-level latents of the images a run uses, read from the target cache batch by batch
-    (`mindeye.targets.TargetRows`): memory per process does not grow with the number of images."""
+    """CLIP tokens and low-level latents of the images a run uses. Held in memory (as stored, float16) when
+    they take at most `memory_budget_mb`, else read from the target cache batch by batch
+    (`mindeye.targets.TargetRows`), so memory per process does not grow with the number of images
+    (full NSD's bigG tokens are ~50 GB). Random rows from the chunked hdf5 cost ~10 % of a small-world step."""
 
-    def __init__(self, rows: TargetRows):
+    def __init__(self, rows: TargetRows, memory_budget_mb: float = 0.0):
         self.rows = rows
+        self.held = rows.read_all() if rows.stored_bytes() <= memory_budget_mb * 2**20 else None
 
     def get(self, image_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (n, L, D) and (n, C, S, S) for `image_ids` (any order, repeats allowed)."""
-        tokens, low_level = self.rows.read(image_ids)
+        if self.held is None:
+            tokens, low_level = self.rows.read(image_ids)
+        else:
+            at = self.rows.positions(np.asarray(image_ids))
+            tokens, low_level = (held[at].astype(np.float32) for held in self.held)
         return torch.from_numpy(tokens), torch.from_numpy(low_level)
 
 
@@ -80,9 +87,10 @@ def load_targets(data_cfg: DictConfig, image_ids: np.ndarray, accelerator: Accel
             cache.compute(ids, progress=progress and accelerator.is_main_process)
             shapes = (tuple(cache.token_shape), tuple(cache.low_level_shape))
         accelerator.wait_for_everyone()
-    table = TargetTable(cache.rows(ids))
-    logger.info("process %d: targets of %d images read per batch from %s; peak memory so far %.0f MB",
-             accelerator.process_index, len(ids), cache.path, peak_rss_mb())
+    table = TargetTable(cache.rows(ids), data_cfg.targets_in_memory_mb)
+    logger.info("process %d: targets of %d images %s %s; peak memory so far %.0f MB", accelerator.process_index,
+                len(ids), "read per batch from" if table.held is None else "held in memory from", cache.path,
+                peak_rss_mb())
     return table, *shapes
 
 

@@ -7,6 +7,7 @@ import tracemalloc
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from mindeye.targets import TargetRows
 from offline_training.trainer import TargetTable
@@ -54,3 +55,18 @@ def test_uncomputed_rows_and_images_outside_the_set_are_refused(large_cache):
     rows = TargetRows(large_cache, np.array([3, 9]))
     with pytest.raises(KeyError, match="not in this target set"):
         rows.read(np.array([3, 4]))
+
+
+def test_a_table_within_its_memory_budget_is_held_and_gives_the_same_rows(large_cache):
+    ids = np.setdiff1d(np.arange(N_IMAGES), [7])
+    stored_mb = TargetRows(large_cache, ids).stored_bytes() / 2**20  # ~98 MB of float16 tokens
+    assert 90 < stored_mb < 110
+    held = TargetTable(TargetRows(large_cache, ids), memory_budget_mb=stored_mb + 1)
+    too_small = TargetTable(TargetRows(large_cache, ids), memory_budget_mb=stored_mb - 1)
+    assert held.held is not None and too_small.held is None
+    batch = np.random.default_rng(2).choice(ids, 64)  # repeats and any order
+    for from_memory, from_file in zip(held.get(batch), too_small.get(batch)):
+        assert from_memory.dtype == from_file.dtype == torch.float32
+        torch.testing.assert_close(from_memory, from_file, rtol=0, atol=0)
+    with pytest.raises(KeyError, match="not in this target set"):
+        held.get(np.array([3, 7]))

@@ -165,6 +165,25 @@ def test_resume_after_an_epoch_reproduces_the_uninterrupted_run_exactly(tiny_wor
     assert strip(read_log(parts)) == strip(read_log(whole))
 
 
+def test_bfloat16_autocast_follows_the_float32_run_and_saves_float32_weights(tiny_world, tmp_path):
+    """The claim benchmark trains in bf16 autocast on CPU (benchmarks/results/train_step_profile.txt): the same
+    batches give the float32 run's losses to bf16 rounding, and the checkpoint keeps float32 weights."""
+    root = tiny_world[0]
+    settings = ["train.epochs=2", *NO_DROPOUT]
+    fp32 = read_log(run(root, tmp_path / "fp32", *settings))
+    bf16_dir = tmp_path / "bf16"  # its own process: accelerate fixes the precision once per process
+    command = [sys.executable, "-m", "offline_training.train",
+               *overrides(root, bf16_dir, *settings, "train.mixed_precision=bf16")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bf16 = read_log(bf16_dir)
+    for key in ("train/loss", "train/prior", "train/contrastive"):
+        assert bf16[0][key] == pytest.approx(fp32[0][key], rel=0.03), key
+    assert bf16[-1]["train/loss"] < bf16[0]["train/loss"]
+    assert {str(w.dtype) for w in weights(bf16_dir).values()} == {"torch.float32"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
