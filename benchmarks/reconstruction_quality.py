@@ -7,9 +7,9 @@ an endless stream of other scenes, never on the world's stimuli). For each gener
 - brain-decoded: a subject's test-set outputs averaged over each image's repeats, the diffusion prior's
   image tokens sampled from the backbone tokens (dpmpp, 15 steps) -> generator; alone, and blended 0.25
   with the low-level head's blurry image (MindEye2's final images); the blurry images alone too.
-  Subject 1: the model live_vs_offline_decoding.py trains (scratch, sessions 1-4, 100 epochs). Subject 8:
-  pretrained on subjects 1-7 (20 epochs), fine-tuned on its session 1 only (as one_session_claim.py:
-  60 epochs), the paper's 1-hour setting.
+  Decoding models: `--model` (configs/model/small by default). Subject 1: from scratch on sessions 1-4,
+  100 epochs. Subject 8: pretrained on subjects 1-7 (20 epochs), fine-tuned on its session 1 only (as
+  one_session_claim.py: 60 epochs), the paper's 1-hour setting.
 Metrics (mindeye.evaluation, on the paper's 256 px): PixCorr, SSIM and 2-way identification among the 30
 test images (chance 50 %) with the world's own CLIP encoder (flattened tokens) and with a seeded random
 AlexNet (conv5), a network the generator was not conditioned on. All of it is offline_training.evaluate's
@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_vs_offline_decoding import TRAIN_OVERRIDES, train_checkpoint  # noqa: E402
 from one_session_claim import run_training  # noqa: E402
 
 from mindeye.clip import clip_identity  # noqa: E402
@@ -51,12 +50,23 @@ COLUMNS = ("PixCorr", "SSIM", *WORLD_COLUMNS)
 TARGET_TWO_WAY = 0.95  # from true tokens, both 2-way columns
 
 
-def subject8_checkpoint(root: Path, runs: Path, pretrain_epochs: int, subject_epochs: int, log) -> Path:
+def subject1_overrides(model: str) -> list[str]:
+    return [f"model={model}", "mode=scratch", "subjects=[1]", "train_sessions=[1,2,3,4]", "train.epochs=100",
+            "train.lr=1e-3"]
+
+
+def subject1_checkpoint(root: Path, runs: Path, model: str, log) -> Path:
+    """Subject 1 from scratch on sessions 1-4 (cached)."""
+    run_training(runs / "subj01", [f"data.root={root}", *subject1_overrides(model)], log)
+    return runs / "subj01" / "checkpoint"
+
+
+def subject8_checkpoint(root: Path, runs: Path, model: str, pretrain_epochs: int, subject_epochs: int, log) -> Path:
     """Pretrain on subjects 1-7, fine-tune subject 8 on session 1 (one_session_claim.py's runs; cached)."""
     data = [f"data.root={root}", "seed=0"]
     pretrained = runs / f"pretrain-subj1-7-e{pretrain_epochs}"
-    run_training(pretrained, [*data, "mode=pretrain", "subjects=[1,2,3,4,5,6,7]", f"train.epochs={pretrain_epochs}"],
-                 log)
+    run_training(pretrained, [*data, f"model={model}", "mode=pretrain", "subjects=[1,2,3,4,5,6,7]",
+                              f"train.epochs={pretrain_epochs}"], log)
     finetuned = runs / f"subj08-session1-e{subject_epochs}"
     run_training(finetuned, [*data, "mode=finetune", "subjects=[8]", "train_sessions=[1]",
                              f"init_from={pretrained / 'checkpoint'}", f"train.epochs={subject_epochs}",
@@ -70,8 +80,11 @@ def main() -> None:
     parser.add_argument("--student", type=Path, default=None, help="a distilled few-step generator folder")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reconstruction_quality"))
     parser.add_argument("--data-root", type=Path, default=Path("data/world/tiny"))
-    parser.add_argument("--runs", type=Path, default=Path("runs/bench/reconstruction_quality"),
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench/reconstruction_quality_small"),
                         help="where the models are trained (reused when there)")
+    parser.add_argument("--model", default="small",
+                        help="the decoding models' config (configs/model/); `tiny`, the tests' smallest model, has a "
+                             "one-layer prior whose tokens lose to the low-level image on 2-way")
     parser.add_argument("--checkpoint-subj1", type=Path, default=None, help="default: train one into <runs>/subj01")
     parser.add_argument("--checkpoint-subj8", type=Path, default=None,
                         help="default: pretrain 1-7 and fine-tune on session 1 in <runs>")
@@ -95,8 +108,8 @@ def main() -> None:
     root = args.data_root.resolve()
     generate_world(load_config("world_generate").world, root, progress=False)  # reused when there
     runs = args.runs.resolve()
-    checkpoints = {1: args.checkpoint_subj1 or train_checkpoint(root, runs / "subj01"),
-                   8: args.checkpoint_subj8 or subject8_checkpoint(root, runs, args.pretrain_epochs,
+    checkpoints = {1: args.checkpoint_subj1 or subject1_checkpoint(root, runs, args.model, print),
+                   8: args.checkpoint_subj8 or subject8_checkpoint(root, runs, args.model, args.pretrain_epochs,
                                                                    args.subject_epochs, print)}
     data_cfg = load_config("evaluate", [f"data.root={root}"]).data
     clip_id = clip_identity(target_clip_config(data_cfg))
@@ -148,9 +161,9 @@ def write_outputs(args, command: str, rows: dict, columns: dict, image_ids: np.n
     args.out.mkdir(parents=True, exist_ok=True)
     md, js = args.out / "table.md", args.out / "table.json"
     write_table(rows, md, js, columns=COLUMNS)
-    trained = {1: " ".join(TRAIN_OVERRIDES) if args.checkpoint_subj1 is None else "given",
-               8: (f"pretrained on subjects 1-7, {args.pretrain_epochs} epochs; fine-tuned on session 1, "
-                   f"{args.subject_epochs} epochs") if args.checkpoint_subj8 is None else "given"}
+    trained = {1: " ".join(subject1_overrides(args.model)) if args.checkpoint_subj1 is None else "given",
+               8: (f"model={args.model}, pretrained on subjects 1-7, {args.pretrain_epochs} epochs; fine-tuned on "
+                   f"session 1, {args.subject_epochs} epochs") if args.checkpoint_subj8 is None else "given"}
     first = next(iter(generations.values()))
     header = [f"# Reconstructions on the `{args.data_root}` world", "", f"Command: `{command}`", "",
               f"{len(image_ids)} shared test images (2-way chance 50 %), scored at 256 px. Prior: "

@@ -1,8 +1,8 @@
-"""mindeye-distill: consistency distillation of the unCLIP generator into a 1-4 step student.
+"""mindeye-distill: distillation of the unCLIP generator into a 1-4 step student, by one of two methods.
 
-Latent consistency distillation (LCM, Luo et al. 2023; diffusers' consistency_distillation examples),
-here in whatever space the teacher denoises (pixels for the world's generator, VAE latents at paper
-size). Per batch of scenes and their CLIP tokens:
+`method=lcm`: latent consistency distillation (LCM, Luo et al. 2023; diffusers' consistency_distillation
+examples), here in whatever space the teacher denoises (pixels for the world's generator, VAE latents at
+paper size). Per batch of scenes and their CLIP tokens:
 1. noise the images to a timestep t_n of the 50-point DDIM grid the LCM sampler walks;
 2. the teacher, with classifier-free guidance at a random scale g (unconditional input: random tokens,
    as at sampling), takes one DDIM step from t_n to t_(n-1);
@@ -12,7 +12,18 @@ The student is the teacher plus an embedding of g (`time_cond_proj_dim`, zero-in
 as the teacher): guidance is folded in, one UNet call a sampling step. The target network is an EMA of
 the student; with `lora_rank` set only low-rank adapters on the attention and residual layers (and the
 guidance embedding) train, the target is the student itself, and the adapters are merged at save time.
-A teacher's token map (the world's generators) is the student's too, unchanged.
+A teacher's token map (the world's generators) is the student's too, unchanged. The student samples
+with the LCM scheduler, which draws fresh noise at every step.
+
+`method=reflow`: trajectory distillation on straight paths (Liu et al. 2023, rectified flow / InstaFlow's
+distillation; Luhman & Luhman 2021). Per batch: the teacher's ODE (`reflow.teacher_sampler`, `teacher_steps`,
+guided at a random scale g) maps noise x_T to an image x0*; the student sees points of the straight path
+x_t = sqrt(ab_t) x0* + sqrt(1 - ab_t) x_T at the `reflow.points` trailing timesteps its sampler can visit
+(999, 874, ..., 124 for 8: those of 1, 2, 4 and 8 steps) and learns x0* from each. It samples with
+deterministic DDIM (eta 0): from a perfect prediction DDIM's next point lies on the same path, so every step
+aims at the teacher's image of that noise. Why it is here: where the teacher's ODE is nearly straight (the
+world's generator, conditioned on a token map), a 4-step Euler teacher is already close to its full-step self,
+and LCM's fresh noise per step keeps its student further away (benchmarks/results/student_vs_teacher.txt).
 
 out_dir receives: student/ (a generator folder with the LCM sampler; load_pipeline reads it),
 train_state/ (resume=true), run_config.yaml, log.jsonl, distill.png and samples/.
@@ -134,14 +145,76 @@ class ConsistencyDistiller:
 
 
 
-def student_pipeline(teacher: MindEyeUnCLIPPipeline, student_unet) -> MindEyeUnCLIPPipeline:
-    """The teacher pipeline (its VAE and token map too) with the student UNet and the LCM sampler."""
+class ReflowDistiller:
+    """The straight-path distillation loss of one batch (`method=reflow`, module docstring)."""
+
+    def __init__(self, teacher: MindEyeUnCLIPPipeline, student, cfg: DictConfig):
+        import torch
+
+        from mindeye.generator import make_scheduler
+
+        self.teacher, self.student, self.cfg = teacher, student, cfg
+        self.solver = with_unet_and_sampler(teacher, teacher.unet, cfg.reflow.teacher_sampler)
+        self.solver.set_progress_bar_config(disable=True)
+        self.alphas_cumprod = make_scheduler("ddpm", teacher.scheduler).alphas_cumprod
+        self.prediction_type = teacher.scheduler.config.prediction_type
+        T, n = teacher.scheduler.config.num_train_timesteps, cfg.reflow.points
+        self.points = torch.tensor([round(T - k * T / n) - 1 for k in range(n)])  # trailing, as DDIM samples
+
+    def teacher_pairs(self, tokens_bld: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Noise x_T (b, C, H, W), the teacher's ODE image x0* of it, and the guidance scale g it was made at."""
+        import torch
+
+        cfg = self.cfg
+        g = float(cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(()))  # one per batch
+        side = self.teacher.unet.config.sample_size
+        x_T = torch.randn((len(tokens_bld), self.teacher.sample_channels, side, side), device=tokens_bld.device)
+        with torch.no_grad():
+            x0_star = self.solver(tokens_bld, num_inference_steps=cfg.reflow.teacher_steps, guidance_scale=g,
+                                  latents=x_T, output_type="latent").images
+        return x_T, x0_star, g
+
+    def path_loss(self, x_T: torch.Tensor, x0_star: torch.Tensor, g: float, tokens_bld: torch.Tensor) -> torch.Tensor:
+        """Pseudo-Huber distance between x0* and the student's clean image from a point of the x_T -> x0* path."""
+        import torch
+
+        from mindeye.generator import micro_conditioning_ids
+        from mindeye.generator.pipeline import guidance_embedding
+
+        teacher, b, device = self.teacher, len(tokens_bld), tokens_bld.device
+        t = self.points[torch.randint(0, len(self.points), (b,))].to(device)
+        a_t = self.alphas_cumprod.to(device)[t]
+        x_t = a_t.sqrt()[:, None, None, None] * x0_star + (1 - a_t).sqrt()[:, None, None, None] * x_T
+        added = micro_conditioning_ids(b, tuple(teacher.config.original_size), tuple(teacher.config.crop_coords),
+                                       device=device)
+        w_emb = guidance_embedding(torch.full((b,), g, device=device), self.cfg.guidance_embedding_dim)
+        out = self.student(teacher.denoiser_input(x_t, tokens_bld), t, encoder_hidden_states=tokens_bld,
+                           added_cond_kwargs=added, timestep_cond=w_emb).sample
+        x0_hat = x0_and_eps(out, x_t, a_t, self.prediction_type)[0]
+        c = self.cfg.huber_c
+        return ((x0_hat.float() - x0_star.float()) ** 2 + c ** 2).sqrt().sub(c).mean()
+
+    def loss(self, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor) -> torch.Tensor:
+        """The scenes' tokens only: the teacher makes the images the student learns."""
+        return self.path_loss(*self.teacher_pairs(tokens_bld), tokens_bld)
+
+
+STUDENT_SAMPLERS = {"lcm": "lcm", "reflow": "ddim"}  # method -> the sampler its student walks
+
+
+def with_unet_and_sampler(teacher: MindEyeUnCLIPPipeline, unet, sampler: str) -> MindEyeUnCLIPPipeline:
+    """The teacher pipeline (its VAE and token map too) with another UNet and sampler."""
     from mindeye.generator import MindEyeUnCLIPPipeline, make_scheduler
 
-    return MindEyeUnCLIPPipeline(student_unet, make_scheduler("lcm", teacher.scheduler), teacher.vae,
+    return MindEyeUnCLIPPipeline(unet, make_scheduler(sampler, teacher.scheduler), teacher.vae,
                                  teacher.token_map, clip_id=teacher.config.clip_id, clip_tokens=teacher.config.clip_tokens,
                                  original_size=tuple(teacher.config.original_size),
                                  crop_coords=tuple(teacher.config.crop_coords))
+
+
+def student_pipeline(teacher: MindEyeUnCLIPPipeline, student_unet, method: str = "lcm") -> MindEyeUnCLIPPipeline:
+    """The teacher pipeline with the student UNet and the sampler its distillation method trains it for."""
+    return with_unet_and_sampler(teacher, student_unet, STUDENT_SAMPLERS[method])
 
 
 def update_ema(target, student, decay: float) -> None:
@@ -192,8 +265,10 @@ def distill(cfg: DictConfig) -> Path:
                                        init_lora_weights="gaussian"))
         student.time_embedding.cond_proj.requires_grad_(True)
         target = student  # the LoRA recipe: the student itself, without gradient, is the target
-    else:
+    elif cfg.method == "lcm":
         target = copy.deepcopy(student).requires_grad_(False)
+    else:
+        target = student  # reflow regresses the teacher's images: no target network
     trainable = [p for p in student.parameters() if p.requires_grad]
     log.info("distilling %s into a student: %d trainable parameters", cfg.teacher, sum(p.numel() for p in trainable))
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -201,7 +276,10 @@ def distill(cfg: DictConfig) -> Path:
     student, optimizer, lr_schedule = accelerator.prepare(student, optimizer, lr_schedule)
     if target is not student:
         accelerator.register_for_checkpointing(target)
-    distiller = ConsistencyDistiller(teacher, student, target, cfg)
+    if cfg.method not in STUDENT_SAMPLERS:
+        raise ValueError(f"method={cfg.method!r}: expected one of {sorted(STUDENT_SAMPLERS)}")
+    distiller = ConsistencyDistiller(teacher, student, target, cfg) if cfg.method == "lcm" \
+        else ReflowDistiller(teacher, student, cfg)
 
     step, records = 0, []
     if state_dir.is_dir():
@@ -210,7 +288,7 @@ def distill(cfg: DictConfig) -> Path:
         log.info("resuming %s at step %d", out_dir, step)
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     (out_dir / "run_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
-    preview_pipe = student_pipeline(teacher, accelerator.unwrap_model(student))
+    preview_pipe = student_pipeline(teacher, accelerator.unwrap_model(student), cfg.method)
     preview_pipe.set_progress_bar_config(disable=True)
     held_out = preview_scenes(cfg.scene_seed + 1, cfg.world.image_size)
     batches = scene_loader(cfg.scene_seed, cfg.world.image_size, cfg.batch_size, step, cfg.loader_workers)
@@ -241,8 +319,8 @@ def distill(cfg: DictConfig) -> Path:
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_state(accelerator, state_dir, {"step": step, "records": records})
             (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-            plot_loss(records, out_dir / "distill.png", ylabel="pseudo-Huber consistency loss",
-                      title="consistency distillation")
+            plot_loss(records, out_dir / "distill.png", ylabel="pseudo-Huber loss",
+                      title="consistency distillation" if cfg.method == "lcm" else "straight-path distillation")
         if step % cfg.sample_every == 0 or step == cfg.steps:
             preview_pipe.unet.eval()
             preview_grid(preview_pipe, embedder, held_out, out_dir / "samples" / f"step-{step:06d}.png",
@@ -253,7 +331,8 @@ def distill(cfg: DictConfig) -> Path:
     if cfg.lora_rank:
         final.fuse_lora()
         final.unload_lora()
-    return save_generator_folder(student_pipeline(teacher, final), out_dir / STUDENT_DIR, half=cfg.save_fp16)
+    return save_generator_folder(student_pipeline(teacher, final, cfg.method), out_dir / STUDENT_DIR,
+                                 half=cfg.save_fp16)
 
 
 @command("distill", "mindeye-distill")

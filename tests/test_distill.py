@@ -18,11 +18,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, UNet2DConditionModel
 
 from export.distill import (
     LORA_TARGETS,
     ConsistencyDistiller,
+    ReflowDistiller,
     boundary_scalings,
     distill,
     make_student,
@@ -283,6 +284,47 @@ def test_the_consistency_loss_is_near_zero_for_a_consistent_network_and_grows_fo
     assert loss(perturbed, student) > 1000 * max(consistent, 1e-7)  # departs from its target
 
 
+# --- the straight-path (reflow) loss -------------------------------------------------------------------------
+
+def test_the_teachers_pair_is_its_guided_ode_image_of_the_noise(teacher, world):
+    _, _, n_tokens, dim = world
+    distiller = ReflowDistiller(teacher, make_student(teacher.unet, W), distill_cfg("method=reflow"))
+    assert distiller.points.tolist() == [999, 874, 749, 624, 499, 374, 249, 124]  # trailing 8: holds 1, 2, 4 steps
+    at_teacher = record_calls(teacher.unet)
+    tokens_bld = torch.randn(B, n_tokens, dim, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    x_T, x0_star, g = distiller.teacher_pairs(tokens_bld)
+    assert 1.0 <= g <= 5.0 and len(at_teacher) == 8  # reflow.teacher_steps guided calls
+    assert all(len(call["sample"]) == 2 * B for call in at_teacher)
+    assert x_T.shape == x0_star.shape == (B, 3, 8, 8) and not torch.allclose(x0_star, x_T)
+    torch.manual_seed(0)  # the same draws by hand: g, x_T, then the solver's random unconditional tokens
+    assert float(1.0 + 4.0 * torch.rand(())) == g
+    torch.testing.assert_close(torch.randn(x_T.shape), x_T, rtol=0, atol=0)
+    again = distiller.solver(tokens_bld, num_inference_steps=8, guidance_scale=g, latents=x_T, output_type="latent")
+    torch.testing.assert_close(again.images, x0_star, rtol=0, atol=0)
+    assert isinstance(distiller.solver.scheduler, DPMSolverMultistepScheduler)  # reflow.teacher_sampler: dpmpp
+
+
+def test_the_path_loss_shows_the_student_a_point_between_noise_and_image_and_trains_it_alone(teacher, world):
+    _, _, n_tokens, dim = world
+    student = make_student(teacher.unet, W)
+    distiller = ReflowDistiller(teacher, student, distill_cfg("method=reflow"))
+    at_student = record_calls(student)
+    g = torch.Generator().manual_seed(2)
+    tokens_bld = torch.randn(B, n_tokens, dim, generator=g)
+    x_T, x0_star = torch.randn(B, 3, 8, 8, generator=g), torch.rand(B, 3, 8, 8, generator=g) * 2 - 1
+    loss = distiller.path_loss(x_T, x0_star, 2.5, tokens_bld)
+    loss.backward()
+    call = at_student[0]
+    t = call["timestep"]
+    assert set(t.tolist()) <= set(distiller.points.tolist())
+    a = distiller.alphas_cumprod[t][:, None, None, None]
+    torch.testing.assert_close(call["sample"][:, :3], a.sqrt() * x0_star + (1 - a).sqrt() * x_T)
+    torch.testing.assert_close(call["timestep_cond"], guidance_embedding(torch.full((B,), 2.5), W))
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    assert student.conv_out.weight.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.unet.parameters())
+
+
 # --- mindeye-distill end to end ----------------------------------------------------------------------------
 
 def distill_overrides(teacher_dir, out_dir, *extra: str) -> list[str]:
@@ -358,6 +400,24 @@ def test_distill_writes_an_lcm_student_that_samples_in_one_to_four_steps(distill
         timesteps = student.scheduler.timesteps.tolist()
         assert len(timesteps) == steps and timesteps[0] == 999
         assert all((t + 1) % GRID == 0 for t in timesteps)  # on the grid the student was distilled on
+
+
+def test_a_reflow_student_samples_with_deterministic_ddim_its_image_fixed_by_the_starting_noise(teacher_dir, tmp_path):
+    path, messages = run_distill(teacher_dir, tmp_path / "reflow", "method=reflow", "reflow.teacher_steps=2")
+    student = load_pipeline(path)
+    assert student.is_student and isinstance(student.scheduler, DDIMScheduler)
+    assert student.scheduler.config.timestep_spacing == "trailing"
+    assert [r["step"] for r in read_log(tmp_path / "reflow")] == [1, 2, 3]
+    n_tokens, dim = student.token_shape
+    tokens = torch.randn(B, n_tokens, dim, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    for steps in (1, 2, 4):
+        one, two = (student(tokens, num_inference_steps=steps, guidance_scale=3.0, latents=noise,
+                            generator=torch.Generator().manual_seed(seed)).images for seed in (0, 1))
+        np.testing.assert_array_equal(one, two)  # no noise is drawn after the start: eta 0
+        assert student.scheduler.timesteps.tolist()[0] == 999
+    with pytest.raises(ValueError, match=r"latents must be \(2, 3, 8, 8\)"):
+        student(tokens, num_inference_steps=1, latents=noise[:, :, :4])
 
 
 def test_a_resumed_distillation_ends_with_the_weights_of_an_uninterrupted_one(distilled, teacher_dir, tmp_path):

@@ -36,7 +36,8 @@ from mindeye.generator.unet import micro_conditioning_ids
 class UnCLIPOutput(BaseOutput):
     """`images`: final images, blended with the low-level image when one was given and lowlevel_blend > 0;
     `generated`: the generator's images before blending. uint8 (B, H, W, 3) arrays for output_type="np",
-    float (B, 3, H, W) tensors in [0, 1] for "pt"."""
+    float (B, 3, H, W) tensors in [0, 1] for "pt", and for "latent" both are what the UNet denoised
+    (B, C, H, W), undecoded and unblended."""
 
     images: np.ndarray | torch.Tensor
     generated: np.ndarray | torch.Tensor
@@ -148,13 +149,15 @@ class MindEyeUnCLIPPipeline(DiffusionPipeline):
     def __call__(self, image_tokens: torch.Tensor, num_inference_steps: int = 38, guidance_scale: float = 5.0,
                  generator: torch.Generator | None = None, low_level_images: torch.Tensor | None = None,
                  strength: float = 1.0, lowlevel_blend: float = 0.0, output_size: int | None = None,
-                 output_type: str = "np", clip_id: str | None = None, return_dict: bool = True):
+                 output_type: str = "np", clip_id: str | None = None, latents: torch.Tensor | None = None,
+                 return_dict: bool = True):
         """Images from CLIP image tokens (B, L, D).
 
         `low_level_images` (B, 3, h, w) in [0, 1]: the blurry images, used as the img2img start when
         `strength` < 1 (only the last `strength` of the schedule runs) and blended into the final images
         with weight `lowlevel_blend`. `output_size` resizes the outputs (pixels); `clip_id`, when given,
-        must be the encoder this generator was trained on."""
+        must be the encoder this generator was trained on. `latents`: the starting noise (B, C, H, W) in
+        place of a draw from `generator`; output_type="latent" returns what the UNet denoised, undecoded."""
         self.check_tokens(image_tokens, clip_id)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -179,7 +182,10 @@ class MindEyeUnCLIPPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         shape = (batch, self.sample_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must be {shape}, got {tuple(latents.shape)}")
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype) if latents is None \
+            else latents.to(device, dtype)
         if strength < 1.0:
             skip = min(int(round(num_inference_steps * (1 - strength))), num_inference_steps - 1)
             timesteps = timesteps[skip * self.scheduler.order:]
@@ -200,6 +206,9 @@ class MindEyeUnCLIPPipeline(DiffusionPipeline):
                 predicted = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(predicted, t, latents, generator=generator).prev_sample
 
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return UnCLIPOutput(images=latents, generated=latents) if return_dict else (latents, latents)
         generated_b3hw = self.decode_latents(latents)
         if output_size is not None and output_size != generated_b3hw.shape[-1]:
             generated_b3hw = F.interpolate(generated_b3hw, size=(output_size, output_size), mode="bilinear",
