@@ -1,11 +1,12 @@
-"""Few-step generation on the tiny world: the distilled LCM student against the teacher's own few-step samplers.
+"""Few-step generation on the tiny world: the distilled students against the teacher's own few-step samplers.
 
 Held-out scenes: the first N of the world's shared test images (data/world/tiny; mindeye-world writes the
 world when it is absent), each generated from its TRUE CLIP tokens (the world's encoder), one image at a
 time (batch 1, as live decoding makes them) with seed `--seed + i` for image i in every method. Methods:
 - the teacher at its full steps (38, its saved sampler, Euler, at its guidance): the reference;
 - the teacher at 1, 2, 4 steps with euler, euler_karras, dpmpp, ddim (classifier-free guidance, same scale);
-- the student at 1, 2, 4 steps (LCM, the same guidance scale folded in: one UNet call a step);
+- each student at 1, 2, 4 steps with its own sampler (LCM for method=lcm, DDIM for method=reflow), the same
+  guidance scale folded in: one UNet call a step;
 - the teacher at full steps from other seeds: how far an independent sample of the same tokens lies.
 Every method starts from the same noise: the teacher's pipeline draws its unconditional (random-token)
 input before the starting noise, so where a method draws none (the student, guidance <= 1) the same
@@ -20,7 +21,7 @@ teacher sampler closest to the reference (lowest RMSE->T) at that step count. Th
 full teacher, and the timesteps each few-step sampler walks.
 
     .venv/bin/python benchmarks/student_vs_teacher.py --teacher runs/generator/tiny-world/generator \\
-        --student runs/distill/tiny-world/student
+        --student runs/distill/tiny-world/student runs/distill/tiny-world-reflow/student
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class Row:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, required=True, help="the full-step generator folder")
-    parser.add_argument("--student", type=Path, required=True, help="the distilled LCM student folder")
+    parser.add_argument("--student", type=Path, nargs="+", required=True, help="distilled student folders")
     parser.add_argument("--images", type=int, default=30, help="held-out scenes (default 30: all shared images)")
     parser.add_argument("--world", type=Path, default=REPO / "data/world/tiny", help="the world's root")
     parser.add_argument("--seed", type=int, default=0, help="image i is generated with seed + i")
@@ -179,18 +180,19 @@ def table(rows: list[Row], reference: Row) -> list[str]:
     return lines
 
 
-def verdict(rows: list[Row], reference: Row, independent: Row) -> list[str]:
-    student = next(r for r in rows if r.who == "student" and r.steps == max(FEW_STEPS))
+def verdict(student: Row, rows: list[Row], reference: Row, independent: Row) -> list[str]:
     teacher = best_teacher_samplers(rows)[max(FEW_STEPS)]
     s, t, ref = student.scores, teacher.scores, reference.scores
     beats = s["rmse_t"] < t["rmse_t"]
     return [
-        f"{student.steps}-step student vs the {teacher.steps}-step teacher's best sampler ({teacher.sampler}): "
+        f"{student.steps}-step student ({student.sampler}) vs the {teacher.steps}-step teacher's best sampler "
+        f"({teacher.sampler}): "
         f"{'BEATS it' if beats else 'does NOT beat it'} on distance to the full teacher (RMSE->T {s['rmse_t']:.4f} "
         f"vs {t['rmse_t']:.4f}, 1-SSIM->T {s['dssim_t']:.4f} vs {t['dssim_t']:.4f}); against the seen images "
         f"2-way {s['two_way']:.3f} vs {t['two_way']:.3f}, PixCorr {s['pixcorr']:.3f} vs {t['pixcorr']:.3f}, "
         f"SSIM {s['ssim']:.3f} vs {t['ssim']:.3f}",
-        f"{student.steps}-step student vs the full teacher ({reference.steps} steps): 2-way {s['two_way']:.3f} vs "
+        f"{student.steps}-step student ({student.sampler}) vs the full teacher ({reference.steps} steps): 2-way "
+        f"{s['two_way']:.3f} vs "
         f"{ref['two_way']:.3f}, PixCorr {s['pixcorr']:.3f} vs {ref['pixcorr']:.3f}, SSIM {s['ssim']:.3f} vs "
         f"{ref['ssim']:.3f}; RMSE->T {s['rmse_t']:.4f} (an independent full-teacher sample of the same tokens: "
         f"{independent.scores['rmse_t']:.4f}); {reference.s_per_image / student.s_per_image:.1f}x faster, "
@@ -231,9 +233,9 @@ def main(argv=None) -> None:
     seen_features = features(seen)
     tokens_nld = torch.from_numpy(seen_features).reshape(len(seen), -1, features.embedder.dim)
     teacher = load_pipeline(args.teacher, clip_id=clip_identity(clip_cfg))
-    student = load_pipeline(args.student, clip_id=clip_identity(clip_cfg))
-    if teacher.is_student or not student.is_student:
-        raise SystemExit("--teacher must be a full-step generator and --student a distilled one")
+    students = [load_pipeline(folder, clip_id=clip_identity(clip_cfg)) for folder in args.student]
+    if teacher.is_student or not all(student.is_student for student in students):
+        raise SystemExit("--teacher must be a full-step generator and --student distilled ones")
     sampling = teacher_sampling(args.teacher)
     steps, guidance = int(sampling["steps"]), float(sampling["guidance_scale"])
     full_sampler, base = sampler_name(teacher.scheduler), teacher.scheduler
@@ -246,7 +248,7 @@ def main(argv=None) -> None:
             teacher.scheduler = make_scheduler(name, base)
             rows.append(run(teacher, "teacher", n, guidance, tokens_nld, seed, size))
     teacher.scheduler = base
-    rows += [run(student, "student", n, guidance, tokens_nld, seed, size) for n in FEW_STEPS]
+    rows += [run(student, "student", n, guidance, tokens_nld, seed, size) for student in students for n in FEW_STEPS]
     independent = run(teacher, "teacher (other seeds)", steps, guidance, tokens_nld, seed + OTHER_SEEDS, size)
     rows.append(independent)
     sweep = {g: reference if g == guidance else run(teacher, "teacher", steps, g, tokens_nld, seed, size)
@@ -255,14 +257,18 @@ def main(argv=None) -> None:
         score(row, reference.images, seen, seen_features, features)
 
     header = [f"Command: {command}",
-              f"teacher {args.teacher} ({full_sampler}, {steps} steps, guidance {guidance:g}); student {args.student} "
-              f"(LCM, guidance {guidance:g} folded in)",
+              f"teacher {args.teacher} ({full_sampler}, {steps} steps, guidance {guidance:g}); students "
+              + ", ".join(f"{folder} ({sampler_name(student.scheduler)})"
+                          for folder, student in zip(args.student, students))
+              + f", guidance {guidance:g} folded in",
               f"{len(seen)} held-out scenes (the world's shared images, {args.world}), true CLIP tokens "
               f"{tuple(tokens_nld.shape[1:])}, {size} px, seed {seed} + i for image i in every method; batch 1, "
               f"{torch.get_num_threads()} CPU thread(s), load average {os.getloadavg()[0]:.2f}",
               "T = the reference (first row); * = the teacher sampler closest to T at its step count; "
               "2-way on world CLIP features (chance 0.5)", ""]
-    lines = [*header, *table(rows, reference), "", *verdict(rows, reference, independent),
+    four_step = [r for r in rows if r.who == "student" and r.steps == max(FEW_STEPS)]
+    verdicts = [line for student in four_step for line in verdict(student, rows, reference, independent)]
+    lines = [*header, *table(rows, reference), "", *verdicts,
              sweep_line(sweep, steps, full_sampler, guidance), timesteps_line(base),
              f"total {time.perf_counter() - started:.0f} s"]
     print("\n" + "\n".join(lines[1:]))

@@ -89,6 +89,22 @@ def make_student(teacher: UNet2DConditionModel, guidance_dim: int) -> UNet2DCond
     return student
 
 
+def init_student(cfg: DictConfig, teacher: MindEyeUnCLIPPipeline) -> UNet2DConditionModel:
+    """The student's starting UNet: the teacher with a fresh guidance embedding, or `cfg.init_student`'s (a
+    student folder, e.g. an LCM student refined by method=reflow), which must be a student of this teacher."""
+    if cfg.init_student is None:
+        return make_student(teacher.unet, cfg.guidance_embedding_dim)
+    from mindeye.generator import load_pipeline
+
+    unet = load_pipeline(cfg.init_student, device=teacher.device).unet
+    layout = {**teacher.unet.config, "time_cond_proj_dim": cfg.guidance_embedding_dim}
+    differs = sorted(k for k in layout if not k.startswith("_") and unet.config.get(k) != layout[k])
+    if differs:
+        raise ValueError(f"init_student={cfg.init_student} is not a student of {cfg.teacher} with "
+                         f"guidance_embedding_dim={cfg.guidance_embedding_dim}: {differs} differ")
+    return unet.float()
+
+
 class ConsistencyDistiller:
     """The LCM loss of one batch, given the frozen teacher pipeline, the student and its target network."""
 
@@ -195,8 +211,11 @@ class ReflowDistiller:
         return ((x0_hat.float() - x0_star.float()) ** 2 + c ** 2).sqrt().sub(c).mean()
 
     def loss(self, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor) -> torch.Tensor:
-        """The scenes' tokens only: the teacher makes the images the student learns."""
-        return self.path_loss(*self.teacher_pairs(tokens_bld), tokens_bld)
+        """From the scenes' tokens only (the teacher makes the images the student learns); each pair is shown
+        at `reflow.points_per_pair` points of its path, as the teacher's solve costs several student steps."""
+        k = self.cfg.reflow.points_per_pair
+        x_T, x0_star, g = self.teacher_pairs(tokens_bld)
+        return self.path_loss(x_T.repeat(k, 1, 1, 1), x0_star.repeat(k, 1, 1, 1), g, tokens_bld.repeat(k, 1, 1))
 
 
 STUDENT_SAMPLERS = {"lcm": "lcm", "reflow": "ddim"}  # method -> the sampler its student walks
@@ -256,7 +275,7 @@ def distill(cfg: DictConfig) -> Path:
     embedder = build_clip_embedder(cfg.world.clip, device=str(accelerator.device))
     set_seed(cfg.seed)  # after the encoder: building a random-weights one re-seeds torch with its own seed
 
-    student = make_student(teacher.unet, cfg.guidance_embedding_dim).train()
+    student = init_student(cfg, teacher).train()
     if cfg.lora_rank:
         from peft import LoraConfig
 

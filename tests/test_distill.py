@@ -420,6 +420,18 @@ def test_a_reflow_student_samples_with_deterministic_ddim_its_image_fixed_by_the
         student(tokens, num_inference_steps=1, latents=noise[:, :, :4])
 
 
+def test_a_distillation_can_start_from_a_student_of_the_same_teacher_and_refuses_another(distilled, teacher_dir,
+                                                                                         tmp_path):
+    lcm_dir, _ = distilled
+    path, _ = run_distill(teacher_dir, tmp_path / "refined", "method=reflow", "reflow.teacher_steps=2",
+                          f"init_student={lcm_dir / 'student'}", "steps=1", "lr=0")
+    started, init = unet_weights(path), unet_weights(lcm_dir / "student")
+    assert started.keys() == init.keys() and all(torch.equal(started[k], init[k]) for k in init)
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        run_distill(teacher_dir, tmp_path / "other", f"init_student={lcm_dir / 'student'}",
+                    "guidance_embedding_dim=16")
+
+
 def test_a_resumed_distillation_ends_with_the_weights_of_an_uninterrupted_one(distilled, teacher_dir, tmp_path):
     full_dir, _ = distilled
     split_dir = tmp_path / "split"
