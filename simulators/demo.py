@@ -34,9 +34,10 @@ def train_model(cfg: DictConfig, root: Path, train_sessions: list[int]) -> Path:
     if (checkpoint / "config.json").is_file():
         print(f"model: reusing {checkpoint}")
         return checkpoint
-    print(f"model: training subj{cfg.subject:02d} on sessions {train_sessions} ({cfg.train.epochs} epochs) "
-          f"-> {model_dir}")
-    command = [sys.executable, "-m", "offline_training.train", "mode=scratch", f"subjects=[{cfg.subject}]",
+    print(f"model: training subj{cfg.subject:02d} ({cfg.train.model}) on sessions {train_sessions} "
+          f"({cfg.train.epochs} epochs) -> {model_dir}")
+    command = [sys.executable, "-m", "offline_training.train", f"model={cfg.train.model}", "mode=scratch",
+               f"subjects=[{cfg.subject}]",
                f"train_sessions=[{','.join(map(str, train_sessions))}]", f"data.root={root}", f"out_dir={model_dir}",
                f"train.epochs={cfg.train.epochs}", f"train.lr={cfg.train.lr}", f"train.eval.every={cfg.train.epochs}",
                f"progress={str(cfg.progress).lower()}", "cpu=true"]
