@@ -68,7 +68,7 @@ def subject8_checkpoint(root: Path, runs: Path, model: str, pretrain_epochs: int
     pretrained = runs / f"pretrain-subj1-7-e{pretrain_epochs}"
     run_training(pretrained, [*data, f"model={model}", "mode=pretrain", "subjects=[1,2,3,4,5,6,7]",
                               f"train.epochs={pretrain_epochs}", "train.lr=1e-3"], log)
-    finetuned = runs / f"subj08-session1-e{subject_epochs}"
+    finetuned = runs / f"subj08-session1-e{subject_epochs}-from-{pretrained.name}"  # a new pretraining, a new run
     run_training(finetuned, [*data, "mode=finetune", "subjects=[8]", "train_sessions=[1]",
                              f"init_from={pretrained / 'checkpoint'}", f"train.epochs={subject_epochs}",
                              "train.eval.sample_every=0"], log)
