@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from mindeye.generator import GenerationSettings, build_pipeline, generator_conf
 from mindeye.models import build_model, load_config, save_calibration, save_checkpoint
 from mindeye.models.prior import DiffusionPrior
 from realtime.backends import load_backend
+from timing import timed  # benchmarks/, the script's folder
 
 SUBJECT = "subj01"
 
@@ -67,18 +67,6 @@ PAPER_SKIPPED = ("heads and model path: the backbone's token linear alone is 409
                  "step minutes on 2 cores: measured on a GPU host by benchmarks/gpu_paper_size.py",
                  "image decode at 768 px: ~1 TFLOP a call, minutes a call on this shared 2-core CPU (the 64 px decode "
                  "took 3.3 s eager here): gpu_paper_size.py")
-
-
-def timed(call, warmup: int, repeats: int) -> tuple[float, float]:
-    """(median, p95) of `call`'s wall time in ms after `warmup` untimed calls."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), float(np.percentile(times, 95))
 
 
 def random_sources(size: Size, folder: Path) -> tuple[Path, Path]:

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backend_latency import SUBJECT, Size, random_sources, timed  # noqa: E402  benchmarks/: same sources, clock
+from backend_latency import SUBJECT, Size, random_sources  # noqa: E402  benchmarks/: the same sources
+from timing import timed  # noqa: E402  and the same clock
 
 from export.cli import export_bundle  # noqa: E402
 from mindeye.bundle import GENERATOR_DECODER, GENERATOR_UNET, PRIOR_DENOISER, heads_graph  # noqa: E402

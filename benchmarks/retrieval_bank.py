@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mindeye.bank import BankSettings, ExactBank, FaissBank, learn_projection  # noqa: E402
 from mindeye.errors import MissingFileError  # noqa: E402
+from timing import timed  # noqa: E402  benchmarks/, the script's folder
 
 WORLD_TOKENS = "data/world/small/ground_truth/image_tokens.hdf5"
 MIX = 64  # centred world tokens mixed into one synthetic row
@@ -218,16 +219,16 @@ def part2(args, work: Path, rng, search_ms: dict) -> None:
           f"peak resident memory of this process so far {mb(peak)}")
     queries_qf = unit(rows[rng.choice(n, min(args.timed, n), replace=False)])
     query_bld = queries_qf[:1].reshape(1, *PAPER_SHAPE)
-    project_ms = median_ms(lambda: bank._projected(queries_qf[:1]), args.timed)
+    project_ms = timed(lambda: bank._projected(queries_qf[:1]), 1, args.timed)[0]
     bank_ms = query_times_ms(bank, queries_qf, PAPER_SHAPE, args.timed)
     exact = ExactBank(np.arange(n), rows)
     exact_ms = query_times_ms(exact, queries_qf, PAPER_SHAPE, args.timed)
     del exact
     projection_1024 = torch.randn(n_features, 1024)
-    project1024_ms = median_ms(lambda: torch.from_numpy(queries_qf[:1]) @ projection_1024, args.timed)
+    project1024_ms = timed(lambda: torch.from_numpy(queries_qf[:1]) @ projection_1024, 1, args.timed)[0]
     del projection_1024
-    rerank_ms = median_ms(lambda: np.asarray(rows.reshape(n, -1)[np.sort(rng.choice(n, 64, replace=False))],
-                                             np.float32) @ queries_qf[0], args.timed)
+    rerank_ms = timed(lambda: np.asarray(rows.reshape(n, -1)[np.sort(rng.choice(n, 64, replace=False))],
+                                         np.float32) @ queries_qf[0], 1, args.timed)[0]
     recall1 = np.mean([bank.top_k(q.reshape(1, *PAPER_SHAPE), 1)[0][0][0] == i
                        for i, q in zip(np.arange(n), unit(rows[:50]))])
     print(f"on {n:,} rows, batch 1, one thread: exact float16 {np.median(exact_ms):.1f} ms; FaissBank top_k "
@@ -247,16 +248,6 @@ def part2(args, work: Path, rng, search_ms: dict) -> None:
               f"({project_ms if r == dim else project1024_ms if r == 1024 else float('nan'):.1f} ms on one CPU thread, "
               f"~{n_features * r * 2 / 1e12 * 1e3:.2f} ms at 1 TB/s on a GPU) + index search at 73k "
               f"({search_ms.get(('search', r), float('nan')):.2f} ms, Part 1) + re-rank ({rerank_ms:.1f} ms from page cache)")
-
-
-def median_ms(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
 
 
 def main() -> None:

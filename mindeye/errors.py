@@ -6,7 +6,9 @@ incomplete dataset learns which file is at fault and why, instead of a bare KeyE
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
+from typing import Any
 
 
 class MissingFileError(FileNotFoundError):
@@ -25,6 +27,26 @@ class FormatError(ValueError):
     def __init__(self, path: str | Path, what: str, expected: str, found: str):
         self.path = Path(path)
         super().__init__(f"{self.path}: {what} should be {expected}, found {found}")
+
+
+def read_format_json(path: str | Path, what: str, fmt: str, version: int, *, missing_hint: str = "",
+                     expected_version: str | None = None, stale_hint: str = "") -> dict[str, Any]:
+    """The JSON object in `path` whose "format" is `fmt` and "format_version" is `version` (a checkpoint's
+    config.json, a bundle's manifest.json); MissingFileError / FormatError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, what, missing_hint)
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FormatError(path, "content", "JSON", f"invalid JSON ({error})") from error
+    if not isinstance(content, dict) or content.get("format") != fmt:
+        found = content.get("format") if isinstance(content, dict) else type(content).__name__
+        raise FormatError(path, "format", repr(fmt), repr(found))
+    if content.get("format_version") != version:
+        raise FormatError(path, "format_version", expected_version or str(version),
+                          repr(content.get("format_version")) + stale_hint)
+    return content
 
 
 class ConfigValueError(ValueError):

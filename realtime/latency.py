@@ -147,7 +147,7 @@ def _prepare_for_append(path: Path, columns: tuple[str, ...]) -> bool:
     complete = content[:content.rfind(b"\n") + 1]
     first_line = content.split(b"\n", 1)[0].rstrip(b"\r")
     if not (first_line == header if complete else header.startswith(content)):
-        raise FormatError(path, f"line 1 (header) of a {'latency' if columns == COLUMNS else 'volume'} log",
+        raise FormatError(path, f"line 1 (header) of {_log_name(columns)}",
                           header.decode(),
                           first_line[:300].decode("utf-8", errors="replace"))
     if len(complete) < len(content):
@@ -210,6 +210,20 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str, bool]] = {
 }
 
 
+def _log_name(columns: tuple[str, ...]) -> str:
+    return f"a {'latency' if columns == COLUMNS else 'volume'} log"
+
+
+def _past_header(file, path: Path, columns: tuple[str, ...]):
+    """A csv reader of `file` past its header line, which must be `columns` (FormatError otherwise)."""
+    reader = csv.reader(file)
+    header = next(reader, None)
+    if header != list(columns):
+        raise FormatError(path, f"line 1 (header) of {_log_name(columns)}", ",".join(columns),
+                          "an empty file" if header is None else ",".join(header)[:300])
+    return reader
+
+
 def read_latency_csv(path: str | Path) -> list[dict]:
     """The rows of a latency log, in publication order, as dicts keyed by `COLUMNS`: ints, floats
     (stages in ms), a tuple of flags, a bool `hit`; None for empty cells. FormatError names the
@@ -218,11 +232,7 @@ def read_latency_csv(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise MissingFileError(path, "latency log", f"the service writes {LATENCY_CSV} in its session folder")
     with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.reader(file)
-        header = next(reader, None)
-        if header != list(COLUMNS):
-            raise FormatError(path, "line 1 (header) of a latency log", ",".join(COLUMNS),
-                              "an empty file" if header is None else ",".join(header)[:300])
+        reader = _past_header(file, path, COLUMNS)
         rows = []
         for cells in reader:
             if not cells:  # a blank line, e.g. from editing by hand
@@ -249,11 +259,7 @@ def read_volumes_csv(path: str | Path) -> list[dict]:
     """The rows of a volume log as dicts keyed by `VOLUME_COLUMNS`: numbers, None for empty cells."""
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.reader(file)
-        header = next(reader, None)
-        if header != list(VOLUME_COLUMNS):
-            raise FormatError(path, "line 1 (header) of a volume log", ",".join(VOLUME_COLUMNS),
-                              "an empty file" if header is None else ",".join(header)[:300])
+        reader = _past_header(file, path, VOLUME_COLUMNS)
         rows = []
         for cells in reader:
             if len(cells) != len(VOLUME_COLUMNS):

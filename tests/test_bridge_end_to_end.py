@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -65,42 +66,50 @@ def write_scanner_run(root: Path, export: Path) -> tuple[np.ndarray, int]:
     return trajectory.within_t6, len(events)
 
 
-def test_a_moving_head_through_bridge_and_service(tiny_world, checkpoint, tmp_path):
-    root = tiny_world[0]
-    truth_t6, n_trials = write_scanner_run(root, tmp_path / "export")
+@contextmanager
+def running_service(root: Path, checkpoint: Path, folder: Path):
+    """The realtime service on free ports, in a thread, for subj01: (service, its zmq context); stopped after."""
     context = zmq.Context()
-    service = RealtimeService(ServiceSettings(tmp_path / "service", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*",
-                                              journal_fsync="never"),
+    service = RealtimeService(ServiceSettings(folder, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", journal_fsync="never"),
                               TorchBackend.from_checkpoint(checkpoint, bank=None, prior_steps=2),
                               SubjectRois.from_layout(root, ["subj01"]), context=context)
     stop_service = threading.Event()
     service_thread = threading.Thread(target=service.run, args=(stop_service,), daemon=True)
     service_thread.start()
-    assert service.ready.wait(30)
-
-    roi = read_roi(NSDLayout(root).roi(SUBJECT))
-    space = ModelSpace(roi.shape, roi.affine, tmp_path / "bridge", CalibrationReference.make(root, SUBJECT, 1),
-                       roi.mask_xyz)
-    watcher = ExportWatcher(tmp_path / "export" / "scanner", probe=scanner_files.probe,
-                            incomplete=scanner_files.IncompleteFile, corrupt=scanner_files.CorruptFile, settle_s=0.01)
-    bridge = Bridge(BridgeSettings(tmp_path / "bridge", "subj01-nsd05", "subj01", service.volumes_endpoint,
-                                   run_volumes=len(truth_t6), gap_wait_s=1.0), watcher, scanner_files.read_volume,
-                    space, context=context)
-    stop_bridge = threading.Event()
-    bridge_thread = threading.Thread(target=bridge.run, args=(stop_bridge,), daemon=True)
-    bridge_thread.start()
     try:
-        deadline = time.monotonic() + 120
-        results = tmp_path / "service" / "results.jsonl"
-        while time.monotonic() < deadline and (not results.is_file() or
-                                               len(results.read_text().splitlines()) < n_trials):
-            time.sleep(0.2)
+        assert service.ready.wait(30)
+        yield service, context
     finally:
-        stop_bridge.set()
-        bridge_thread.join(30)
         stop_service.set()
         service_thread.join(60)
         context.term()
+
+
+def test_a_moving_head_through_bridge_and_service(tiny_world, checkpoint, tmp_path):
+    root = tiny_world[0]
+    truth_t6, n_trials = write_scanner_run(root, tmp_path / "export")
+    with running_service(root, checkpoint, tmp_path / "service") as (service, context):
+        roi = read_roi(NSDLayout(root).roi(SUBJECT))
+        space = ModelSpace(roi.shape, roi.affine, tmp_path / "bridge", CalibrationReference.make(root, SUBJECT, 1),
+                           roi.mask_xyz)
+        watcher = ExportWatcher(tmp_path / "export" / "scanner", probe=scanner_files.probe,
+                                incomplete=scanner_files.IncompleteFile, corrupt=scanner_files.CorruptFile,
+                                settle_s=0.01)
+        bridge = Bridge(BridgeSettings(tmp_path / "bridge", "subj01-nsd05", "subj01", service.volumes_endpoint,
+                                       run_volumes=len(truth_t6), gap_wait_s=1.0), watcher, scanner_files.read_volume,
+                        space, context=context)
+        stop_bridge = threading.Event()
+        bridge_thread = threading.Thread(target=bridge.run, args=(stop_bridge,), daemon=True)
+        bridge_thread.start()
+        try:
+            deadline = time.monotonic() + 120
+            results = tmp_path / "service" / "results.jsonl"
+            while time.monotonic() < deadline and (not results.is_file() or
+                                                   len(results.read_text().splitlines()) < n_trials):
+                time.sleep(0.2)
+        finally:
+            stop_bridge.set()
+            bridge_thread.join(30)
 
     assert len(results.read_text().splitlines()) == n_trials  # every trial decoded once
     assert bridge.counters["rejected"] == 0 and bridge.counters["missing"] == 0
@@ -126,27 +135,18 @@ def test_the_documented_commands_with_file_faults_and_a_killed_bridge(tiny_world
     moving head, a dropped volume, a duplicated one, a truncated one and a restarted series; `mindeye-bridge`
     sends it, is killed (SIGKILL) mid-run and started again; the service decodes every trial once."""
     root, scanner = tiny_world[0], tmp_path / "scanner_folder"
-    context = zmq.Context()
-    service = RealtimeService(ServiceSettings(tmp_path / "service", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*",
-                                              journal_fsync="never"),
-                              TorchBackend.from_checkpoint(checkpoint, bank=None, prior_steps=2),
-                              SubjectRois.from_layout(root, ["subj01"]), context=context)
-    stop_service = threading.Event()
-    service_thread = threading.Thread(target=service.run, args=(stop_service,), daemon=True)
-    service_thread.start()
-    assert service.ready.wait(30)
-    environment = {**os.environ, "MINDEYE_DATA": str(root.parent)}
-    replay = subprocess.Popen(
-        [str(BIN / "mindeye-replay"), "sink=folder", f"folder.out_dir={scanner}", f"data_root={root}", "session=5",
-         "runs=[1,2]", "speed=8", "motion.drift_mm_per_min=0.5", "motion.jerks_per_min=1",
-         "motion.session_offset_mm=2", "motion.session_offset_deg=2", "faults.drop.indices=[7]",
-         "faults.duplicate.indices=[9]", "faults.truncate.indices=[11]", "faults.restart.at_index=30",
-         "faults.restart.runs=[2]"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    (scanner / "scanner").mkdir(parents=True, exist_ok=True)
-    bridge_command = [str(BIN / "mindeye-bridge"), f"export_dir={scanner / 'scanner'}", "session=subj01-nsd05",
-                      f"data_root={root}", f"out_dir={tmp_path / 'bridge'}", f"endpoint={service.volumes_endpoint}",
-                      "runs.volumes=73", "runs.gap_wait_s=2", "runs.idle_s=20", "files.incomplete_timeout_s=5"]
-    try:
+    with running_service(root, checkpoint, tmp_path / "service") as (service, _):
+        environment = {**os.environ, "MINDEYE_DATA": str(root.parent)}
+        replay = subprocess.Popen(
+            [str(BIN / "mindeye-replay"), "sink=folder", f"folder.out_dir={scanner}", f"data_root={root}", "session=5",
+             "runs=[1,2]", "speed=8", "motion.drift_mm_per_min=0.5", "motion.jerks_per_min=1",
+             "motion.session_offset_mm=2", "motion.session_offset_deg=2", "faults.drop.indices=[7]",
+             "faults.duplicate.indices=[9]", "faults.truncate.indices=[11]", "faults.restart.at_index=30",
+             "faults.restart.runs=[2]"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        (scanner / "scanner").mkdir(parents=True, exist_ok=True)
+        bridge_command = [str(BIN / "mindeye-bridge"), f"export_dir={scanner / 'scanner'}", "session=subj01-nsd05",
+                          f"data_root={root}", f"out_dir={tmp_path / 'bridge'}", f"endpoint={service.volumes_endpoint}",
+                          "runs.volumes=73", "runs.gap_wait_s=2", "runs.idle_s=20", "files.incomplete_timeout_s=5"]
         bridge = subprocess.Popen(bridge_command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)
         time.sleep(15)  # mid-run 1 at 8x: 73 volumes take 12 s
@@ -163,10 +163,6 @@ def test_the_documented_commands_with_file_faults_and_a_killed_bridge(tiny_world
             time.sleep(0.5)
         bridge.send_signal(signal.SIGINT)
         second_log = bridge.communicate(timeout=30)[0]
-    finally:
-        stop_service.set()
-        service_thread.join(60)
-        context.term()
     log_text = first_log + second_log
     assert "resuming session subj01-nsd05" in second_log
     assert "missing volume: 7 of series" in log_text and "duplicate file" in log_text

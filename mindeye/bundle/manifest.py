@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mindeye.errors import FormatError, MissingFileError
+from mindeye.errors import FormatError, MissingFileError, read_format_json
 
 FORMAT = "mindeye2-bundle"
 FORMAT_VERSION = 1
@@ -112,21 +112,11 @@ def read_manifest(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     (and, with `verify_hashes`, unchanged); MissingFileError / FormatError name the file at fault."""
     root = Path(root)
     path = root / MANIFEST_FILE
-    if not path.is_file():
-        hint = (f"{root} is a checkpoint, not a bundle: make one with mindeye-export checkpoint={root} out_dir=BUNDLE"
-                if (root / "config.json").is_file() else "make one with mindeye-export checkpoint=... out_dir=BUNDLE")
-        raise MissingFileError(path, "export bundle manifest", hint)
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise FormatError(path, "content", "JSON", f"invalid JSON ({error})") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise FormatError(path, "format", repr(FORMAT), repr(found))
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise FormatError(path, "format_version", f"{FORMAT_VERSION} (this code's)",
-                          f"{manifest.get('format_version')!r}: re-export the bundle with this version's "
-                          "mindeye-export")
+    hint = (f"{root} is a checkpoint, not a bundle: make one with mindeye-export checkpoint={root} out_dir=BUNDLE"
+            if (root / "config.json").is_file() else "make one with mindeye-export checkpoint=... out_dir=BUNDLE")
+    manifest = read_format_json(path, "export bundle manifest", FORMAT, FORMAT_VERSION, missing_hint=hint,
+                                expected_version=f"{FORMAT_VERSION} (this code's)",
+                                stale_hint=": re-export the bundle with this version's mindeye-export")
     missing = [key for key in ("subjects", "checkpoint", "calibration", "clip", "precision", "backend", "interface")
                if key not in manifest]
     if missing:

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from mindeye.errors import FormatError, MissingFileError
+from mindeye.errors import FormatError, MissingFileError, read_format_json
 from mindeye.models.config import MindEyeConfig
 from mindeye.models.mindeye2 import MindEye2
 
@@ -53,18 +53,9 @@ def save_checkpoint(model: MindEye2, path_dir: str | Path, *, extra: dict[str, A
 def read_checkpoint_config(path_dir: str | Path) -> tuple[MindEyeConfig, dict[str, Any]]:
     """The checkpoint's MindEyeConfig and its full config.json content (hash, format version, extra)."""
     config_path = Path(path_dir) / CONFIG_FILE
-    if not config_path.is_file():
-        raise MissingFileError(config_path, "checkpoint config", "a checkpoint folder holds config.json and "
-                               f"{WEIGHTS_FILE}, written by save_checkpoint")
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise FormatError(config_path, "content", "JSON", f"invalid JSON ({error})") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise FormatError(config_path, "format", repr(FORMAT), repr(found))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FormatError(config_path, "format_version", str(FORMAT_VERSION), repr(meta.get("format_version")))
+    meta = read_format_json(config_path, "checkpoint config", FORMAT, FORMAT_VERSION,
+                            missing_hint=f"a checkpoint folder holds config.json and {WEIGHTS_FILE}, written by "
+                                         "save_checkpoint")
     try:
         config = MindEyeConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as error:
