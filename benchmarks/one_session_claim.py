@@ -38,12 +38,17 @@ from simulators.world.generate import generate_world
 CONDITIONS = ("finetune", "scratch", "all sessions", "finetune, no residual blocks", "finetune, LoRA")
 
 
-def run_training(out_dir: Path, overrides: list[str], log) -> dict:
+def run_training(out_dir: Path, overrides: list[str], log, keep_checkpoint: bool = False) -> dict:
     """Run one training command to its last epoch (skipped if it got there; resumed if it was stopped part
     way, e.g. by the end of a session); its final log record, plus the trainable parameter count it
-    printed (`trainable`) and its epochs' time, training and evaluation (`seconds`)."""
-    if not finished(out_dir):
-        resume = (out_dir / "train_state").is_dir()
+    printed (`trainable`) and its epochs' time, training and evaluation (`seconds`). A run whose checkpoint
+    later runs start from (`keep_checkpoint`) is trained again if only its logs survived: a fresh clone
+    has the committed logs but not the gitignored checkpoints."""
+    lost_checkpoint = keep_checkpoint and finished(out_dir) and not (out_dir / "checkpoint").is_dir()
+    if lost_checkpoint:
+        log(f"{out_dir} finished but its checkpoint is gone; training it again")
+    if lost_checkpoint or not finished(out_dir):
+        resume = (out_dir / "train_state").is_dir() and not lost_checkpoint
         command = [sys.executable, "-m", "offline_training.train", f"out_dir={out_dir}", "progress=false", "cpu=true",
                    *overrides, *(["resume=true"] if resume else [])]
         log(" ".join(command[1:]))
@@ -109,31 +114,35 @@ def main() -> None:
         tag = f"noise{noise}"
         pretrained = runs_dir / f"{tag}-pretrain"
         pretrained_flat = runs_dir / f"{tag}-pretrain-noblocks"
-        seconds[noise] = run_training(pretrained, pre, log)["seconds"]
-        seconds[noise] += run_training(pretrained_flat, [*pre, "model.residual_blocks=false"], log)["seconds"]
         subject = [*common, *data, "subjects=[8]", "train.eval.sample_every=0"]
         if args.subject_epochs:
             subject.append(f"train.epochs={args.subject_epochs}")
+        subject_runs = []  # (condition, run folder, overrides, the pretraining it starts from)
+        for seed in args.seeds:
+            for condition, name, extra, base in [
+                ("finetune", f"finetune-s{seed}", ["mode=finetune", "train_sessions=[1]"], pretrained),
+                ("scratch", f"scratch-s{seed}", ["mode=scratch", "train_sessions=[1]"], None),
+                ("all sessions", f"all-s{seed}", ["mode=scratch", "train_sessions=null"], None),
+                ("finetune, no residual blocks", f"finetune-noblocks-s{seed}",
+                 ["mode=finetune", "train_sessions=[1]"], pretrained_flat),
+                ("finetune, LoRA", f"finetune-lora{args.adapter_rank}-s{seed}",
+                 ["mode=finetune", "train_sessions=[1]", f"adapter_rank={args.adapter_rank}"], pretrained),
+            ]:
+                init = [f"init_from={base / 'checkpoint'}"] if base else []
+                subject_runs.append((condition, runs_dir / f"{tag}-{name}", [*subject, *extra, *init, f"seed={seed}"],
+                                     base))
+        seconds[noise] = 0.0
+        for base, overrides in [(pretrained, pre), (pretrained_flat, [*pre, "model.residual_blocks=false"])]:
+            needed = any(b == base and not finished(out) for _, out, _, b in subject_runs)
+            seconds[noise] += run_training(base, overrides, log, keep_checkpoint=needed)["seconds"]
         scores: dict[str, list[tuple[float, float]]] = {c: [] for c in CONDITIONS}
         trainable: dict[str, int | None] = {}
-        for seed in args.seeds:
-            runs = {
-                "finetune": (f"finetune-s{seed}", ["mode=finetune", "train_sessions=[1]",
-                                                   f"init_from={pretrained / 'checkpoint'}"]),
-                "scratch": (f"scratch-s{seed}", ["mode=scratch", "train_sessions=[1]"]),
-                "all sessions": (f"all-s{seed}", ["mode=scratch", "train_sessions=null"]),
-                "finetune, no residual blocks": (f"finetune-noblocks-s{seed}", [
-                    "mode=finetune", "train_sessions=[1]", f"init_from={pretrained_flat / 'checkpoint'}"]),
-                "finetune, LoRA": (f"finetune-lora{args.adapter_rank}-s{seed}", [
-                    "mode=finetune", "train_sessions=[1]", f"init_from={pretrained / 'checkpoint'}",
-                    f"adapter_rank={args.adapter_rank}"]),
-            }
-            for condition, (name, extra) in runs.items():
-                final = run_training(runs_dir / f"{tag}-{name}", [*subject, *extra, f"seed={seed}"], log)
-                scores[condition].append((final["test/image_top1"], final["test/brain_top1"]))
-                trainable[condition] = final["trainable"]
-                seconds[noise] += final["seconds"]
-                chance = final["test/chance"]
+        for condition, out, overrides, _ in subject_runs:
+            final = run_training(out, overrides, log)
+            scores[condition].append((final["test/image_top1"], final["test/brain_top1"]))
+            trainable[condition] = final["trainable"]
+            seconds[noise] += final["seconds"]
+            chance = final["test/chance"]
         results[noise] = scores
         write_table(args, results, chance, trainable, seconds)
     log_file.close()
