@@ -3,6 +3,7 @@
 For each checkpoint, on its subject's test set (outputs averaged over each image's repeats), against the
 seen images' true world-CLIP tokens: 2-way identification among the test images and mean cosine of
 - the prior's tokens (DPM-Solver++, 15 steps; and 1 step, its x_start from pure noise), what the generator gets;
+  with classifier-free guidance scales other than 1 too when `--cond-scales` asks (the live service's is 1);
 - a ridge map from the backbone tokens, fitted on the same subject's training trials (the sessions the
   checkpoint was trained on): what a linear readout of the same backbone tokens reaches, a bar for the prior;
 - the retrieval head's tokens (contrastive, so their 2-way counts but their cosine does not).
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=parse_checkpoint, action="append", required=True,
                         help="SUBJECT=CHECKPOINT:TRAIN_SESSIONS (the sessions the ridge readout is fitted on)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cond-scales", type=float, nargs="+", default=[1.0],
+                        help="the prior's classifier-free guidance scales to sample with (15 steps)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data_cfg = load_config("evaluate", [f"data.root={args.data_root.resolve()}"]).data
@@ -77,9 +80,12 @@ def main() -> None:
         with torch.no_grad():
             train_backbone = np.concatenate([model(torch.from_numpy(data.train_voxels[i:i + 256]), data.name)
                                              .backbone_tokens.numpy() for i in range(0, len(data.train_voxels), 256)])
-            rows = {f"prior, dpmpp {steps} step{'s' * (steps > 1)}": model.prior.sample(
-                backbone, steps=steps, sampler="dpmpp", generator=torch.Generator().manual_seed(args.seed)).numpy()
-                for steps in (15, 1)}
+            rows = {}
+            for steps, cond_scale in [(15, scale) for scale in args.cond_scales] + [(1, 1.0)]:
+                label = f"prior, dpmpp {steps} step{'s' * (steps > 1)}" + (f", guidance {cond_scale:g}"
+                                                                          if cond_scale != 1 else "")
+                rows[label] = model.prior.sample(backbone, steps=steps, cond_scale=cond_scale, sampler="dpmpp",
+                                                 generator=torch.Generator().manual_seed(args.seed)).numpy()
         n_train = len(data.train_voxels)
         rows[f"ridge from backbone ({n_train} trials)"] = ridge_readout(
             train_backbone.reshape(n_train, -1), targets.get(data.train_image_ids)[0].reshape(n_train, -1),

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -47,8 +48,9 @@ def run_training(out_dir: Path, overrides: list[str], log, keep_checkpoint: bool
     lost_checkpoint = keep_checkpoint and finished(out_dir) and not (out_dir / "checkpoint").is_dir()
     if lost_checkpoint:
         log(f"{out_dir} finished but its checkpoint is gone; training it again")
+        shutil.rmtree(out_dir / "train_state", ignore_errors=True)  # the trainer refuses to start over one
     if lost_checkpoint or not finished(out_dir):
-        resume = (out_dir / "train_state").is_dir() and not lost_checkpoint
+        resume = (out_dir / "train_state").is_dir()
         command = [sys.executable, "-m", "offline_training.train", f"out_dir={out_dir}", "progress=false", "cpu=true",
                    *overrides, *(["resume=true"] if resume else [])]
         log(" ".join(command[1:]))
