@@ -95,6 +95,10 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, default=None, help="default: 4")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--lowlevel-blend", type=float, default=0.25)
+    parser.add_argument("--img2img-strengths", type=float, nargs="+", default=[1.0],
+                        help="where each generator starts: 1.0 from pure noise; below 1, that much of its schedule "
+                             "from the low-level image (MindEye1's img2img start); one row per value")
+    parser.add_argument("--subjects", type=int, nargs="+", default=[1, 8], choices=[1, 8])
     parser.add_argument("--prior-steps", type=int, default=15)
     parser.add_argument("--prior-sampler", default="dpmpp")
     parser.add_argument("--seed", type=int, default=0, help="the prior's and the generators' noise")
@@ -109,9 +113,12 @@ def main() -> None:
     root = args.data_root.resolve()
     generate_world(load_config("world_generate").world, root, progress=False)  # reused when there
     runs = args.runs.resolve()
-    checkpoints = {1: args.checkpoint_subj1 or subject1_checkpoint(root, runs, args.model, print),
-                   8: args.checkpoint_subj8 or subject8_checkpoint(root, runs, args.model, args.pretrain_epochs,
-                                                                   args.subject_epochs, print)}
+    checkpoints = {}
+    if 1 in args.subjects:
+        checkpoints[1] = args.checkpoint_subj1 or subject1_checkpoint(root, runs, args.model, print)
+    if 8 in args.subjects:
+        checkpoints[8] = args.checkpoint_subj8 or subject8_checkpoint(root, runs, args.model, args.pretrain_epochs,
+                                                                      args.subject_epochs, print)
     data_cfg = load_config("evaluate", [f"data.root={root}"]).data
     clip_id = clip_identity(target_clip_config(data_cfg))
     generations, folders = {}, {}
@@ -119,11 +126,12 @@ def main() -> None:
                                 ("student", args.student, args.student_steps)):
         if folder is not None:
             pipe = load_pipeline(folder, clip_id=clip_id)  # refuses a generator of another encoder
-            settings = GenerationSettings(steps=steps or default_steps(pipe), guidance_scale=args.guidance_scale,
-                                          lowlevel_blend=args.lowlevel_blend)
-            label = f"{role} ({settings.steps} steps)"
-            generations[label] = Generation(pipe, settings, args.prior_steps, args.prior_sampler, args.seed)
-            folders[label] = folder
+            for strength in args.img2img_strengths:
+                settings = GenerationSettings(steps=steps or default_steps(pipe), guidance_scale=args.guidance_scale,
+                                              lowlevel_blend=args.lowlevel_blend, img2img_strength=strength)
+                label = f"{role} ({settings.steps} steps{f', from low-level {strength:g}' if strength < 1 else ''})"
+                generations[label] = Generation(pipe, settings, args.prior_steps, args.prior_sampler, args.seed)
+                folders[label] = folder
     targets = build_target_cache(data_cfg)
     world = world_feature_extractors(targets.embedder)
     stimuli = StimulusBrick(NSDLayout(root).stimuli())
@@ -142,6 +150,8 @@ def main() -> None:
             if image_ids is None:  # the generators' ceiling: the same images' true tokens
                 image_ids, seen = outputs.image_ids, stimuli[outputs.image_ids]
                 for true_label, true_generation in generations.items():
+                    if true_generation.settings.img2img_strength < 1:
+                        continue  # no low-level image to start from: the same as from noise
                     print(f"true tokens, {true_label}", flush=True)
                     made = true_generation.images(targets.get(image_ids)[0], None, seen.shape[1]).generated
                     rows[f"true tokens, {true_label}"] = evaluate_reconstructions(made, seen, world_extractors=world)

@@ -1,4 +1,4 @@
-"""mindeye-distill: distillation of the unCLIP generator into a 1-4 step student, by one of two methods.
+"""mindeye-distill: distillation of the unCLIP generator into a 1-4 step student, by one of three methods.
 
 `method=lcm`: latent consistency distillation (LCM, Luo et al. 2023; diffusers' consistency_distillation
 examples), here in whatever space the teacher denoises (pixels for the world's generator, VAE latents at
@@ -25,7 +25,18 @@ aims at the teacher's image of that noise. Why it is here: where the teacher's O
 world's generator, conditioned on a token map), a 4-step Euler teacher is already close to its full-step self,
 and LCM's fresh noise per step keeps its student further away (benchmarks/results/student_vs_teacher.txt).
 
-out_dir receives: student/ (a generator folder with the LCM sampler; load_pipeline reads it),
+`method=progressive`: segment distillation (Salimans & Ho 2022's progressive distillation, with the guided
+teacher of Meng et al. 2023, generalised to `teacher_substeps` per student step as phased consistency models
+split the trajectory). The student's `progressive.student_steps` trailing timesteps (999, 749, 499, 249 for 4)
+cut the trajectory into segments. Per batch: scenes noised to a segment's start t (as sampling meets them);
+the guided teacher (random scale g) takes `teacher_substeps` DDIM steps to the segment's end; the student at
+(x_t, t, g) learns the clean image whose single DDIM step lands there. It samples with Euler, the same step
+as DDIM without clipping, so its 4 steps walk the teacher's 4 x `teacher_substeps`-step solve, one UNet call
+each. Why: it starts where it should end (the student is the teacher, whose one step per segment is already a
+4-step solve) and each target is local, so it needs few training steps, where reflow learns the whole
+noise-to-image map at once.
+
+out_dir receives: student/ (a generator folder with its method's sampler; load_pipeline reads it),
 train_state/ (resume=true), run_config.yaml, log.jsonl, distill.png and samples/.
 """
 from __future__ import annotations
@@ -218,7 +229,86 @@ class ReflowDistiller:
         return self.path_loss(x_T.repeat(k, 1, 1, 1), x0_star.repeat(k, 1, 1, 1), g, tokens_bld.repeat(k, 1, 1))
 
 
-STUDENT_SAMPLERS = {"lcm": "lcm", "reflow": "ddim"}  # method -> the sampler its student walks
+def segment_target(x_t: torch.Tensor, x_end: torch.Tensor, alpha_bar_t: torch.Tensor,
+                   alpha_bar_end: torch.Tensor) -> torch.Tensor:
+    """The clean image whose one DDIM step (eta 0) from x_t lands on x_end (Salimans & Ho's target):
+    x0~ = (x_end - (s_e / s_t) x_t) / (a_e - (s_e / s_t) a_t), a = sqrt(alpha-bar), s = sqrt(1 - alpha-bar)."""
+    ratio = ((1 - alpha_bar_end) / (1 - alpha_bar_t)).sqrt()
+    return (x_end - ratio * x_t) / (alpha_bar_end.sqrt() - ratio * alpha_bar_t.sqrt())
+
+
+class ProgressiveDistiller:
+    """The segment distillation loss of one batch (`method=progressive`, module docstring)."""
+
+    def __init__(self, teacher: MindEyeUnCLIPPipeline, student, cfg: DictConfig):
+        import torch
+
+        from mindeye.generator import make_scheduler
+
+        self.teacher, self.student, self.cfg = teacher, student, cfg
+        self.prediction_type = teacher.scheduler.config.prediction_type
+        alphas_cumprod = make_scheduler("ddpm", teacher.scheduler).alphas_cumprod
+        self.alpha_bar = torch.cat((alphas_cumprod, torch.ones(1)))  # index -1: the clean end, alpha-bar 1
+        sampler = make_scheduler(STUDENT_SAMPLERS["progressive"], teacher.scheduler)
+        sampler.set_timesteps(cfg.progressive.student_steps)
+        starts = [int(t) for t in sampler.timesteps]  # 999, 749, 499, 249 for 4 (trailing)
+        m = cfg.progressive.teacher_substeps
+        # (segments, m + 1): the teacher's timesteps from each segment's start to its end (-1: clean)
+        self.substeps = torch.tensor([[round(start + (end - start) * j / m) for j in range(m + 1)]
+                                      for start, end in zip(starts, starts[1:] + [-1])])
+
+    def teacher_solve(self, x_bchw: torch.Tensor, substeps_bm: torch.Tensor, g_b: torch.Tensor,
+                      tokens_bld: torch.Tensor) -> torch.Tensor:
+        """Where the guided teacher's DDIM steps (eta 0, no clipping: Euler's step in other coordinates) through
+        each row's timesteps `substeps_bm` take x_bchw, from the first timestep to the last."""
+        import torch
+
+        from mindeye.generator import micro_conditioning_ids
+
+        teacher, b, alpha_bar = self.teacher, len(x_bchw), self.alpha_bar.to(x_bchw.device)
+        added = micro_conditioning_ids(2 * b, tuple(teacher.config.original_size), tuple(teacher.config.crop_coords),
+                                       device=x_bchw.device)
+        g = g_b[:, None, None, None]
+        with torch.no_grad():
+            for j in range(substeps_bm.shape[1] - 1):
+                t, t_next = substeps_bm[:, j], substeps_bm[:, j + 1]
+                tokens_2b = torch.cat((torch.randn_like(tokens_bld), tokens_bld))  # unconditional: random tokens
+                out_u, out_c = teacher.unet(teacher.denoiser_input(torch.cat((x_bchw, x_bchw)), tokens_2b),
+                                            torch.cat((t, t)), encoder_hidden_states=tokens_2b,
+                                            added_cond_kwargs=added).sample.chunk(2)
+                x0, eps = x0_and_eps(out_u + g * (out_c - out_u), x_bchw, alpha_bar[t], self.prediction_type)
+                a_next = alpha_bar[t_next][:, None, None, None]
+                x_bchw = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        return x_bchw
+
+    def loss(self, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor) -> torch.Tensor:
+        """Pseudo-Huber distance between the student's clean image at a segment's start and the one whose DDIM
+        step lands where the teacher's substeps do (`segment_target`)."""
+        import torch
+
+        from mindeye.generator import micro_conditioning_ids
+        from mindeye.generator.pipeline import guidance_embedding
+
+        teacher, cfg = self.teacher, self.cfg
+        x0 = teacher.encode_images(images_b3hw)
+        b, device = len(x0), x0.device
+        substeps_bm = self.substeps[torch.randint(0, len(self.substeps), (b,))].to(device)
+        t, t_end = substeps_bm[:, 0], substeps_bm[:, -1]
+        ab_t, ab_end = (self.alpha_bar.to(device)[i][:, None, None, None] for i in (t, t_end))
+        x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * torch.randn_like(x0)
+        g_b = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand(b, device=device)
+        x0_target = segment_target(x_t, self.teacher_solve(x_t, substeps_bm, g_b, tokens_bld), ab_t, ab_end)
+
+        added = micro_conditioning_ids(b, tuple(teacher.config.original_size), tuple(teacher.config.crop_coords),
+                                       device=device)
+        out = self.student(teacher.denoiser_input(x_t, tokens_bld), t, encoder_hidden_states=tokens_bld,
+                           added_cond_kwargs=added, timestep_cond=guidance_embedding(g_b, cfg.guidance_embedding_dim)).sample
+        x0_hat = x0_and_eps(out, x_t, self.alpha_bar.to(device)[t], self.prediction_type)[0]
+        c = cfg.huber_c
+        return ((x0_hat.float() - x0_target.float()) ** 2 + c ** 2).sqrt().sub(c).mean()
+
+
+STUDENT_SAMPLERS = {"lcm": "lcm", "reflow": "ddim", "progressive": "euler"}  # method -> its student's sampler
 
 
 def with_unet_and_sampler(teacher: MindEyeUnCLIPPipeline, unet, sampler: str) -> MindEyeUnCLIPPipeline:
@@ -297,8 +387,9 @@ def distill(cfg: DictConfig) -> Path:
         accelerator.register_for_checkpointing(target)
     if cfg.method not in STUDENT_SAMPLERS:
         raise ValueError(f"method={cfg.method!r}: expected one of {sorted(STUDENT_SAMPLERS)}")
-    distiller = ConsistencyDistiller(teacher, student, target, cfg) if cfg.method == "lcm" \
-        else ReflowDistiller(teacher, student, cfg)
+    distiller = (ConsistencyDistiller(teacher, student, target, cfg) if cfg.method == "lcm" else
+                 ReflowDistiller(teacher, student, cfg) if cfg.method == "reflow" else
+                 ProgressiveDistiller(teacher, student, cfg))
 
     step, records = 0, []
     if state_dir.is_dir():
@@ -339,7 +430,8 @@ def distill(cfg: DictConfig) -> Path:
             save_state(accelerator, state_dir, {"step": step, "records": records})
             (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             plot_loss(records, out_dir / "distill.png", ylabel="pseudo-Huber loss",
-                      title="consistency distillation" if cfg.method == "lcm" else "straight-path distillation")
+                      title={"lcm": "consistency distillation", "reflow": "straight-path distillation",
+                             "progressive": "segment (progressive) distillation"}[cfg.method])
         if step % cfg.sample_every == 0 or step == cfg.steps:
             preview_pipe.unet.eval()
             preview_grid(preview_pipe, embedder, held_out, out_dir / "samples" / f"step-{step:06d}.png",

@@ -18,15 +18,18 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, UNet2DConditionModel
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
+                       UNet2DConditionModel)
 
 from export.distill import (
     LORA_TARGETS,
     ConsistencyDistiller,
+    ProgressiveDistiller,
     ReflowDistiller,
     boundary_scalings,
     distill,
     make_student,
+    segment_target,
     x0_and_eps,
 )
 from mindeye.clip import build_clip_embedder, clip_identity
@@ -325,6 +328,76 @@ def test_the_path_loss_shows_the_student_a_point_between_noise_and_image_and_tra
     assert student.conv_out.weight.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.unet.parameters())
 
 
+# --- the segment (progressive) loss --------------------------------------------------------------------------
+
+def test_the_segments_run_from_each_student_timestep_to_the_next_and_the_last_to_the_clean_image(teacher):
+    distiller = ProgressiveDistiller(teacher, make_student(teacher.unet, W),
+                                     distill_cfg("method=progressive", "progressive.teacher_substeps=2"))
+    assert distiller.substeps.tolist() == [[999, 874, 749], [749, 624, 499], [499, 374, 249], [249, 124, -1]]
+    assert distiller.alpha_bar[-1] == 1.0 and distiller.alpha_bar[999] < 1e-3
+
+
+def test_the_students_euler_step_from_the_segment_target_lands_where_the_teacher_did(teacher):
+    """The distiller's algebra against diffusers' Euler scheduler, the student's sampler: a model output
+    implying segment_target's clean image steps x_t onto x_end (in Euler's sigma scaling)."""
+    euler = make_scheduler("euler", teacher.scheduler)
+    euler.set_timesteps(4)
+    alpha_bar = euler.alphas_cumprod
+    g = torch.Generator().manual_seed(3)
+    for i, t in enumerate(euler.timesteps.tolist()):
+        t = int(t)
+        t_end = int(euler.timesteps[i + 1]) if i < 3 else -1
+        ab_t = alpha_bar[t]
+        ab_end = alpha_bar[t_end] if t_end >= 0 else torch.tensor(1.0)
+        x_t, x_end = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+        x0 = segment_target(x_t, x_end, ab_t, ab_end)
+        v = (ab_t.sqrt() * x_t - x0) / (1 - ab_t).sqrt()  # the v-prediction output that implies x0
+        sigma, sigma_end = euler.sigmas[i], euler.sigmas[i + 1]
+        euler._step_index = i
+        landed = euler.step(v, euler.timesteps[i], x_t * (sigma ** 2 + 1).sqrt()).prev_sample
+        # at t = 999 Euler's sigma (2e4 for the cosine schedule) scales x_t up, and its float32 step cancels
+        # terms of that size: ~1e-3 of rounding there, as in every Euler sample of the teacher
+        torch.testing.assert_close(landed / (sigma_end ** 2 + 1).sqrt(), x_end, rtol=0, atol=5e-3 if i == 0 else 2e-5)
+
+
+def test_the_progressive_loss_is_zero_for_a_student_that_already_takes_the_teachers_step(teacher, world):
+    """One substep at guidance 1: the teacher's segment is one conditional DDIM step, which the untrained
+    student (the teacher, its guidance embedding zero) takes exactly; a perturbed student is penalised."""
+    _, _, n_tokens, dim = world
+    student = make_student(teacher.unet, W)
+    cfg = distill_cfg("method=progressive", "progressive.teacher_substeps=1", "guidance_min=1.0", "guidance_max=1.0")
+    distiller = ProgressiveDistiller(teacher, student, cfg)
+    g = torch.Generator().manual_seed(5)
+    images, tokens = torch.rand(4, 3, 8, 8, generator=g), torch.randn(4, n_tokens, dim, generator=g)
+    torch.manual_seed(0)
+    assert distiller.loss(images, tokens).item() < 1e-5
+    with torch.no_grad():
+        student.conv_out.bias.add_(0.05)
+    torch.manual_seed(0)
+    assert distiller.loss(images, tokens).item() > 1e-2
+
+
+def test_the_progressive_teacher_solves_each_segment_guided_and_trains_the_student_alone(teacher, world):
+    _, _, n_tokens, dim = world
+    student = make_student(teacher.unet, W)
+    distiller = ProgressiveDistiller(teacher, student, distill_cfg("method=progressive"))  # 4 substeps
+    at_teacher, at_student = record_calls(teacher.unet), record_calls(student)
+    g = torch.Generator().manual_seed(6)
+    images, tokens = torch.rand(B, 3, 8, 8, generator=g), torch.randn(B, n_tokens, dim, generator=g)
+    loss = distiller.loss(images, tokens)
+    loss.backward()
+    assert len(at_teacher) == 4 and all(len(call["sample"]) == 2 * B for call in at_teacher)  # guided substeps
+    starts = at_student[0]["timestep"]
+    assert set(starts.tolist()) <= {999, 749, 499, 249}
+    torch.testing.assert_close(at_teacher[0]["timestep"], torch.cat((starts, starts)))
+    rows = [distiller.substeps[distiller.substeps[:, 0] == s][0] for s in starts.tolist()]
+    for j, call in enumerate(at_teacher):
+        assert call["timestep"][:B].tolist() == [int(r[j]) for r in rows]
+    assert at_student[0]["timestep_cond"].shape == (B, W)
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    assert student.conv_out.weight.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.unet.parameters())
+
+
 # --- mindeye-distill end to end ----------------------------------------------------------------------------
 
 def distill_overrides(teacher_dir, out_dir, *extra: str) -> list[str]:
@@ -418,6 +491,23 @@ def test_a_reflow_student_samples_with_deterministic_ddim_its_image_fixed_by_the
         assert student.scheduler.timesteps.tolist()[0] == 999
     with pytest.raises(ValueError, match=r"latents must be \(2, 3, 8, 8\)"):
         student(tokens, num_inference_steps=1, latents=noise[:, :, :4])
+
+
+def test_a_progressive_student_samples_with_euler_its_image_fixed_by_the_starting_noise(teacher_dir, tmp_path):
+    path, _ = run_distill(teacher_dir, tmp_path / "progressive", "method=progressive",
+                          "progressive.teacher_substeps=2")
+    student = load_pipeline(path)
+    assert student.is_student and isinstance(student.scheduler, EulerDiscreteScheduler)
+    assert student.scheduler.config.timestep_spacing == "trailing"
+    assert [r["step"] for r in read_log(tmp_path / "progressive")] == [1, 2, 3]
+    n_tokens, dim = student.token_shape
+    tokens = torch.randn(B, n_tokens, dim, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    student(tokens, num_inference_steps=4, guidance_scale=3.0, latents=noise)
+    assert student.scheduler.timesteps.tolist() == [999, 749, 499, 249]  # the segments it was distilled on
+    one, two = (student(tokens, num_inference_steps=4, guidance_scale=3.0, latents=noise,
+                        generator=torch.Generator().manual_seed(seed)).images for seed in (0, 1))
+    np.testing.assert_array_equal(one, two)
 
 
 def test_a_distillation_can_start_from_a_student_of_the_same_teacher_and_refuses_another(distilled, teacher_dir,
