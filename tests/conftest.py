@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import copy
 import contextlib
+import importlib.util
 import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed hub look-up would otherwise retry for minutes
 
@@ -71,6 +74,15 @@ def one_thread():
     """Tiny models run fastest on one intra-op thread, and do not stall when other processes share the cores."""
     with torch_threads(1):
         yield
+
+
+def load_benchmark(monkeypatch, name: str):
+    """benchmarks/<name>.py as a module, registered while the test runs (a dataclass in it looks its module up)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_log(out_dir) -> list[dict]:

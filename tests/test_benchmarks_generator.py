@@ -7,25 +7,12 @@ not make it. Checked on the first UNet input, all with one sampler, at the size 
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from export.distill import make_student, student_pipeline
 from mindeye.generator import build_pipeline, make_scheduler
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks/student_vs_teacher.py"
-
-
-def load_benchmark(monkeypatch):
-    """The script as a module (registered while the test runs: its dataclass looks its module up)."""
-    spec = importlib.util.spec_from_file_location("student_vs_teacher", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def first_unet_input(pipe, make_images) -> torch.Tensor:
@@ -40,7 +27,7 @@ def first_unet_input(pipe, make_images) -> torch.Tensor:
 
 
 def test_teacher_and_student_start_from_the_same_noise(small_cfg, one_thread, monkeypatch):
-    bench = load_benchmark(monkeypatch)
+    bench = load_benchmark(monkeypatch, "student_vs_teacher")
     teacher = build_pipeline(small_cfg, clip_id="test", clip_tokens=4)
     student = student_pipeline(teacher, make_student(teacher.unet, 8))
     student.scheduler = make_scheduler("euler", teacher.scheduler)  # the teacher's sampler: the same input scaling

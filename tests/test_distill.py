@@ -475,39 +475,28 @@ def test_distill_writes_an_lcm_student_that_samples_in_one_to_four_steps(distill
         assert all((t + 1) % GRID == 0 for t in timesteps)  # on the grid the student was distilled on
 
 
-def test_a_reflow_student_samples_with_deterministic_ddim_its_image_fixed_by_the_starting_noise(teacher_dir, tmp_path):
-    path, messages = run_distill(teacher_dir, tmp_path / "reflow", "method=reflow", "reflow.teacher_steps=2")
+@pytest.mark.parametrize("method, overrides, sampler, steps", [
+    ("reflow", ["reflow.teacher_steps=2"], DDIMScheduler, (1, 2, 4)),  # DDIM at eta 0
+    ("progressive", ["progressive.teacher_substeps=2"], EulerDiscreteScheduler, (4,)),  # its 4 segments
+])
+def test_a_trajectory_student_samples_deterministically_its_image_fixed_by_the_starting_noise(
+        teacher_dir, tmp_path, method, overrides, sampler, steps):
+    path, _ = run_distill(teacher_dir, tmp_path / method, f"method={method}", *overrides)
     student = load_pipeline(path)
-    assert student.is_student and isinstance(student.scheduler, DDIMScheduler)
+    assert student.is_student and isinstance(student.scheduler, sampler)
     assert student.scheduler.config.timestep_spacing == "trailing"
-    assert [r["step"] for r in read_log(tmp_path / "reflow")] == [1, 2, 3]
+    assert [r["step"] for r in read_log(tmp_path / method)] == [1, 2, 3]
     n_tokens, dim = student.token_shape
     tokens = torch.randn(B, n_tokens, dim, generator=torch.Generator().manual_seed(4))
     noise = torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(5))
-    for steps in (1, 2, 4):
-        one, two = (student(tokens, num_inference_steps=steps, guidance_scale=3.0, latents=noise,
+    for n in steps:
+        one, two = (student(tokens, num_inference_steps=n, guidance_scale=3.0, latents=noise,
                             generator=torch.Generator().manual_seed(seed)).images for seed in (0, 1))
-        np.testing.assert_array_equal(one, two)  # no noise is drawn after the start: eta 0
+        np.testing.assert_array_equal(one, two)  # no noise is drawn after the start
         assert student.scheduler.timesteps.tolist()[0] == 999
+    assert student.scheduler.timesteps.tolist() == [999, 749, 499, 249]  # 4 steps: the progressive segments
     with pytest.raises(ValueError, match=r"latents must be \(2, 3, 8, 8\)"):
         student(tokens, num_inference_steps=1, latents=noise[:, :, :4])
-
-
-def test_a_progressive_student_samples_with_euler_its_image_fixed_by_the_starting_noise(teacher_dir, tmp_path):
-    path, _ = run_distill(teacher_dir, tmp_path / "progressive", "method=progressive",
-                          "progressive.teacher_substeps=2")
-    student = load_pipeline(path)
-    assert student.is_student and isinstance(student.scheduler, EulerDiscreteScheduler)
-    assert student.scheduler.config.timestep_spacing == "trailing"
-    assert [r["step"] for r in read_log(tmp_path / "progressive")] == [1, 2, 3]
-    n_tokens, dim = student.token_shape
-    tokens = torch.randn(B, n_tokens, dim, generator=torch.Generator().manual_seed(4))
-    noise = torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(5))
-    student(tokens, num_inference_steps=4, guidance_scale=3.0, latents=noise)
-    assert student.scheduler.timesteps.tolist() == [999, 749, 499, 249]  # the segments it was distilled on
-    one, two = (student(tokens, num_inference_steps=4, guidance_scale=3.0, latents=noise,
-                        generator=torch.Generator().manual_seed(seed)).images for seed in (0, 1))
-    np.testing.assert_array_equal(one, two)
 
 
 def test_a_distillation_can_start_from_a_student_of_the_same_teacher_and_refuses_another(distilled, teacher_dir,

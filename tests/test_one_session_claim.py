@@ -5,23 +5,13 @@ The training command is replaced by a stand-in that writes what a finished run l
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks/one_session_claim.py"
-
-
-def load_benchmark(monkeypatch):
-    spec = importlib.util.spec_from_file_location("one_session_claim", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def write_finished_run(out_dir: Path, epochs: int = 2) -> None:
@@ -34,7 +24,7 @@ def write_finished_run(out_dir: Path, epochs: int = 2) -> None:
 
 
 def test_lost_checkpoint_is_retrained_only_where_needed(tmp_path, monkeypatch):
-    claim = load_benchmark(monkeypatch)
+    claim = load_benchmark(monkeypatch, "one_session_claim")
     commands = []
 
     def fake_training(command, check, stdout):
@@ -59,7 +49,7 @@ def test_lost_checkpoint_is_retrained_only_where_needed(tmp_path, monkeypatch):
 
 
 def test_unfinished_run_resumes(tmp_path, monkeypatch):
-    claim = load_benchmark(monkeypatch)
+    claim = load_benchmark(monkeypatch, "one_session_claim")
     commands = []
     monkeypatch.setattr(claim.subprocess, "run", lambda command, check, stdout: (
         commands.append(command), write_finished_run(tmp_path / "run")))
