@@ -3,14 +3,15 @@
 For each checkpoint, on its subject's test set (outputs averaged over each image's repeats), against the
 seen images' true world-CLIP tokens: 2-way identification among the test images and mean cosine of
 - the prior's tokens (DPM-Solver++, 15 steps; and 1 step, its x_start from pure noise), what the generator gets;
-  with classifier-free guidance scales other than 1 too when `--cond-scales` asks (the live service's is 1);
+  with classifier-free guidance scales other than 1 too when `--cond-scales` asks (the live service's is 5);
 - a ridge map from the backbone tokens, fitted on the same subject's training trials (the sessions the
   checkpoint was trained on): what a linear readout of the same backbone tokens reaches, a bar for the prior;
 - the retrieval head's tokens (contrastive, so their 2-way counts but their cosine does not).
 
-    .venv/bin/python benchmarks/decoded_token_quality.py --data-root data/world/tiny \\
+    .venv/bin/python benchmarks/decoded_token_quality.py --data-root data/world/tiny --cond-scales 1 3 5 \\
         --checkpoint 1=runs/bench/reconstruction_quality_small/subj01/checkpoint:1,2,3,4 \\
         --checkpoint 8=runs/bench/reconstruction_quality_small/subj08-session1-e60-from-pretrain-subj1-7-e40/checkpoint:1 \\
+        --checkpoint 1=runs/bench/reconstruction_quality_small/pretrain-subj1-7-e40/checkpoint:1,2,3,4 \\
         > benchmarks/results/decoded_token_quality.txt
 (the checkpoints benchmarks/reconstruction_quality.py trains; add --model tiny --runs <folder> there for the
 tests' model)

@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, nargs="+", default=[1, 8], choices=[1, 8])
     parser.add_argument("--prior-steps", type=int, default=15)
     parser.add_argument("--prior-sampler", default="dpmpp")
+    parser.add_argument("--prior-cond-scale", type=float, default=5.0,
+                        help="the prior's classifier-free guidance (1: none; benchmarks/decoded_token_quality.py)")
     parser.add_argument("--seed", type=int, default=0, help="the prior's and the generators' noise")
     parser.add_argument("--grid-images", type=int, default=8)
     args = parser.parse_args()
@@ -130,7 +132,8 @@ def main() -> None:
                 settings = GenerationSettings(steps=steps or default_steps(pipe), guidance_scale=args.guidance_scale,
                                               lowlevel_blend=args.lowlevel_blend, img2img_strength=strength)
                 label = f"{role} ({settings.steps} steps{f', from low-level {strength:g}' if strength < 1 else ''})"
-                generations[label] = Generation(pipe, settings, args.prior_steps, args.prior_sampler, args.seed)
+                generations[label] = Generation(pipe, settings, args.prior_steps, args.prior_sampler, args.seed,
+                                                args.prior_cond_scale)
                 folders[label] = folder
     targets = build_target_cache(data_cfg)
     world = world_feature_extractors(targets.embedder)
@@ -179,7 +182,8 @@ def write_outputs(args, command: str, rows: dict, columns: dict, image_ids: np.n
     first = next(iter(generations.values()))
     header = [f"# Reconstructions on the `{args.data_root}` world", "", f"Command: `{command}`", "",
               f"{len(image_ids)} shared test images (2-way chance 50 %), scored at 256 px. Prior: "
-              f"{first.prior_sampler}, {first.prior_steps} steps; guidance scale {first.settings.guidance_scale}; "
+              f"{first.prior_sampler}, {first.prior_steps} steps, guidance {first.prior_cond_scale:g}; generator "
+              f"guidance scale {first.settings.guidance_scale}; "
               f"blend: {first.settings.lowlevel_blend} x low-level; seed {args.seed}.",
               *(f"- {label}: `{os.path.relpath(folder)}`" for label, folder in folders.items()),
               *(f"- subject {s}: `{os.path.relpath(c)}` ({trained[s]})" for s, c in checkpoints.items()), ""]

@@ -85,6 +85,7 @@ class Generation:
     prior_steps: int = 15
     prior_sampler: str = "dpmpp"
     seed: int = 0
+    prior_cond_scale: float = 1.0  # the prior's classifier-free guidance (uncond: its learned null brain tokens)
     refinement: Refinement | None = None  # MindEye2's optional img2img refinement, rows "<name> (refined)"
 
     def images(self, image_tokens_nld: np.ndarray, blurry: np.ndarray | None, size: int) -> UnCLIPOutput:
@@ -103,6 +104,7 @@ class Generation:
         with torch.no_grad():
             return np.concatenate([model.prior.sample(torch.from_numpy(backbone_nld[start:start + batch_size]),
                                                       steps=self.prior_steps, sampler=self.prior_sampler,
+                                                      cond_scale=self.prior_cond_scale,
                                                       generator=generator).float().numpy()
                                    for start in range(0, len(backbone_nld), batch_size)])
 
@@ -128,7 +130,8 @@ def load_generation(cfg: DictConfig, data_cfg: DictConfig) -> Generation | None:
         refinement = Refinement(base, GenerationSettings(int(cfg.refine.steps or default_steps(base)),
                                                          float(cfg.refine.guidance_scale), float(cfg.lowlevel_blend),
                                                          float(cfg.refine.strength)))
-    return Generation(pipe, settings, int(cfg.prior_steps), str(cfg.prior_sampler), int(cfg.seed), refinement)
+    return Generation(pipe, settings, int(cfg.prior_steps), str(cfg.prior_sampler), int(cfg.seed),
+                      float(cfg.prior_cond_scale), refinement)
 
 
 def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, stimuli: StimulusBrick, *,

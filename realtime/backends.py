@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from mindeye.bank import ExactBank, FaissBank
 from mindeye.bundle import PRIOR_DENOISER, GraphSet, TorchGraphs, heads_graph, load_graphs, model_graphs, read_manifest
@@ -33,7 +34,7 @@ from mindeye.errors import ConfigValueError, MissingFileError
 from mindeye.generator import GenerationSettings, MindEyeUnCLIPPipeline, Refinement, reconstruct, refine
 from mindeye.models import (MindEye2, MindEyeConfig, calibration_units, load_calibration, load_checkpoint,
                             read_checkpoint_config)
-from mindeye.models.checkpoint import CALIBRATION_FILE
+from mindeye.models.checkpoint import CALIBRATION_FILE, NULL_BRAIN_TOKENS, WEIGHTS_FILE
 from mindeye.models.prior import check_sampler
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 
@@ -134,13 +135,17 @@ class ModelBackend:
 
     def __init__(self, graphs: GraphSet, config: MindEyeConfig, calibration: dict[str, tuple[np.ndarray, np.ndarray]],
                  *, bank: ExactBank | FaissBank | None = None, codec=None, image_size: int | None = None, top_k: int = 5,
-                 prior_steps: int = 20, prior_sampler: str = "ddim", generator: MindEyeUnCLIPPipeline | None = None,
+                 prior_steps: int = 20, prior_sampler: str = "ddim", prior_cond_scale: float = 1.0,
+                 null_brain_ld: torch.Tensor | None = None, generator: MindEyeUnCLIPPipeline | None = None,
                  generation: GenerationSettings = GenerationSettings(), refinement: Refinement | None = None,
                  seed: int = 0):
         self.graphs, self.config, self.name = graphs, config, graphs.backend
         self.device = graphs.device
         self.bank, self.codec, self.top_k_count, self.prior_steps, self.seed = bank, codec, top_k, prior_steps, seed
-        self.prior_sampler = prior_sampler
+        self.prior_sampler, self.prior_cond_scale = prior_sampler, prior_cond_scale
+        self.null_brain_ld = None if null_brain_ld is None else null_brain_ld.to(self.device, torch.float32)
+        if prior_cond_scale != 1.0 and null_brain_ld is None:
+            raise ValueError("prior_cond_scale != 1 (guided prior) needs the prior's null brain tokens")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not 0 <= prior_steps <= config.prior.timesteps:
@@ -181,7 +186,8 @@ class ModelBackend:
             generator = torch.Generator(backbone_bld.device).manual_seed(noise_seed(self.seed, subject, betas_bv))
             sampled = sample_prior(lambda x, t, brain: self.graphs(PRIOR_DENOISER, x, t, brain)[0], backbone_bld,
                                    steps=self.prior_steps, sampler=self.prior_sampler,
-                                   timesteps=self.config.prior.timesteps, generator=generator)
+                                   timesteps=self.config.prior.timesteps, generator=generator,
+                                   cond_scale=self.prior_cond_scale, null_brain_ld=self.null_brain_ld)
             image_tokens_bld = sampled.cpu().numpy()
         embedding_bld = image_tokens_bld if image_tokens_bld is not None else retrieval_bld
         embedding_norm_b = np.linalg.norm(embedding_bld.reshape(len(embedding_bld), -1), axis=1).astype(np.float32)
@@ -289,7 +295,8 @@ class TorchBackend(ModelBackend):
         self.model = model.to(device=device, dtype=dtype).eval()
         graphs = TorchGraphs(model_graphs(model, list(model.aligner.voxels_per_subject)), device=device, dtype=dtype,
                              compile=compile)
-        super().__init__(graphs, model.config, calibration, **kwargs)
+        super().__init__(graphs, model.config, calibration, null_brain_ld=model.prior.null_brain_tokens.detach(),
+                         **kwargs)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **kwargs) -> TorchBackend:
@@ -331,7 +338,10 @@ def load_backend(bundle_dir: str | Path, backend: str = "auto", *, device: str =
     if with_generator and bundle.generator_dir is not None:
         generator = graph_pipeline(bundle.generator_dir, graphs)
     config, _ = read_checkpoint_config(bundle.checkpoint_dir)
-    return ModelBackend(graphs, config, load_calibration(bundle.checkpoint_dir), generator=generator, **kwargs)
+    with safe_open(bundle.checkpoint_dir / WEIGHTS_FILE, "pt") as weights:  # guidance's unconditional input
+        null_brain_ld = weights.get_tensor(NULL_BRAIN_TOKENS)
+    return ModelBackend(graphs, config, load_calibration(bundle.checkpoint_dir), generator=generator,
+                        null_brain_ld=null_brain_ld, **kwargs)
 
 
 def _require_live_units(units: str, estimator: str, path: Path, fix: str) -> None:

@@ -63,7 +63,7 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
                            with_generator=cfg.generate.enabled, max_batch=cfg.decode.max_batch,
                            bank=bank, codec=build_latent_codec(dict(cfg.data.low_level)),
                            image_size=stimuli.shape[1], top_k=cfg.decode.top_k, prior_steps=cfg.decode.prior_steps,
-                           prior_sampler=cfg.decode.prior_sampler,
+                           prior_sampler=cfg.decode.prior_sampler, prior_cond_scale=cfg.decode.prior_cond_scale,
                            generation=GenerationSettings(cfg.generate.steps, cfg.generate.guidance_scale,
                                                          cfg.generate.lowlevel_blend, cfg.generate.img2img_strength),
                            refinement=load_refinement(cfg))

@@ -55,17 +55,26 @@ def betas(n_trials: int, n_voxels: int, seed: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).normal(2.0, 2.0, (n_trials, n_voxels)).astype(np.float32)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("dpmpp", 7), ("dpmpp", 15)])
-def test_the_runtime_sampler_over_the_eager_denoiser_gives_the_priors_own_samples(sampler, steps):
+@pytest.mark.parametrize("sampler,steps,cond_scale", [("ddim", 4, 1.0), ("dpmpp", 7, 1.0), ("dpmpp", 15, 1.0),
+                                                      ("dpmpp", 7, 3.0)])
+def test_the_runtime_sampler_over_the_eager_denoiser_gives_the_priors_own_samples(sampler, steps, cond_scale):
+    """Guided too: the conditional graph on the null brain tokens is the prior's unconditional branch."""
     from mindeye.bundle.sampling import step_coefficients
 
     model = build_model("tiny", voxels_per_subject=VOXELS).eval()
     graphs = TorchGraphs(model_graphs(model, ["subj01"]))
     brain = torch.randn(3, TOKENS, DIM)
-    want = model.prior.sample(brain, steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(5))
+    want = model.prior.sample(brain, steps=steps, sampler=sampler, cond_scale=cond_scale,
+                              generator=torch.Generator().manual_seed(5))
     got = sample_prior(lambda x, t, b: graphs(PRIOR_DENOISER, x, t, b)[0], brain, steps=steps, sampler=sampler,
-                       timesteps=model.config.prior.timesteps, generator=torch.Generator().manual_seed(5))
+                       timesteps=model.config.prior.timesteps, generator=torch.Generator().manual_seed(5),
+                       cond_scale=cond_scale, null_brain_ld=model.prior.null_brain_tokens.detach())
     torch.testing.assert_close(got, want, rtol=0, atol=5e-5)  # the scheduler's own steps, to float32 rounding
+    if cond_scale != 1.0:
+        unguided = model.prior.sample(brain, steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(5))
+        assert (got - unguided).abs().max() > 1e-2
+        with pytest.raises(ValueError, match="null brain tokens"):
+            sample_prior(lambda x, t, b: x, brain, steps=steps, sampler=sampler, timesteps=100, cond_scale=cond_scale)
     _, coefficients = step_coefficients(sampler, model.config.prior.timesteps, steps)
     # DDIM uses no history; DPM-Solver++(2M) does after its first-order first step
     assert (coefficients[:, 2] == 0).all() == (sampler == "ddim") and coefficients[0, 2] == 0
@@ -100,7 +109,7 @@ def test_an_eager_bundle_decodes_exactly_as_its_checkpoint(checkpoint, generator
     assert list(manifest["interface"]) == ["heads.subj02", "prior_denoiser", "generator_unet"]
     assert available_backends(bundle) == ["eager"]
 
-    kwargs = dict(codec=PixelCodec(8), image_size=16, prior_steps=4, prior_sampler="dpmpp",
+    kwargs = dict(codec=PixelCodec(8), image_size=16, prior_steps=4, prior_sampler="dpmpp", prior_cond_scale=3.0,
                   generation=GenerationSettings(2, 2.0, 0.25))
     from mindeye.generator import load_pipeline
 
@@ -109,7 +118,9 @@ def test_an_eager_bundle_decodes_exactly_as_its_checkpoint(checkpoint, generator
     assert loaded.name == "eager" and loaded.subjects() == ["subj02"]
     x = betas(3, 50)
     got, want = loaded.decode("subj02", x), direct.decode("subj02", x)
-    np.testing.assert_array_equal(got.image_tokens_bld, want.image_tokens_bld)
+    np.testing.assert_array_equal(got.image_tokens_bld, want.image_tokens_bld)  # guided: the bundle's null tokens
+    unguided = TorchBackend.from_checkpoint(path, **{**kwargs, "prior_cond_scale": 1.0}).decode("subj02", x)
+    assert np.abs(unguided.image_tokens_bld - want.image_tokens_bld).max() > 1e-2
     np.testing.assert_array_equal(got.lowlevel_bhw3, want.lowlevel_bhw3)
     np.testing.assert_array_equal(got.reconstruction_bhw3, want.reconstruction_bhw3)
     with pytest.raises(ValueError, match=r"unknown subject 'subj01'|no calibration"):

@@ -91,7 +91,7 @@ class HeadsGraph(nn.Module):
 
 
 class PriorDenoiserGraph(nn.Module):
-    """The diffusion prior's denoiser, conditional (the live service samples with cond_scale 1)."""
+    """The diffusion prior's denoiser, conditional (guidance: the runtime calls it again on the null brain tokens)."""
 
     def __init__(self, prior: DiffusionPrior):
         super().__init__()

@@ -27,6 +27,7 @@ from mindeye.models.mindeye2 import MindEye2
 FORMAT = "mindeye2-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+NULL_BRAIN_TOKENS = "prior.null_brain_tokens"  # the prior's unconditional input, which guided sampling reads alone
 CONFIG_FILE = "config.json"
 
 
