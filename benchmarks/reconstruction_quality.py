@@ -164,7 +164,8 @@ def main() -> None:
             if f"{name} low-level" not in rows:
                 rows[f"{name} low-level"], low[f"{name}\nlow-level"] = scores["blurry"], images["blurry"]
             rows[f"{name}, {label}"], rows[f"{name}, {label} + blend"] = scores["generated"], scores["blend"]
-            decoded[f"{name}\n{label}"], blend[f"{name} blend\n{label}"] = images["generated"], images["blend"]
+            column = label.replace(", from", ",\nfrom")  # grid cells are 96 px wide
+            decoded[f"{name}\n{column}"], blend[f"{name} blend\n{column}"] = images["generated"], images["blend"]
     columns = {"seen": seen, **true, **decoded, **low, **blend}
     write_outputs(args, command, rows, columns, image_ids, checkpoints, folders, generations,
                   time.monotonic() - started_s)
@@ -196,7 +197,7 @@ def write_outputs(args, command: str, rows: dict, columns: dict, image_ids: np.n
     shown = range(min(args.grid_images, len(image_ids)))
     save_image_grid([np.stack([columns[label][i] for label in labels]) for i in shown],
                     [f"image {image_ids[i]}" for i in shown], args.out / "grid.png", cell_px=96, label_px=80,
-                    column_labels=labels, header_px=40)
+                    column_labels=labels, header_px=54)
     print(md.read_text())
     print(f"wrote {md}, {js} and {args.out / 'grid.png'}")
 
