@@ -45,11 +45,12 @@ def run_training(out_dir: Path, overrides: list[str], log, keep_checkpoint: bool
     printed (`trainable`) and its epochs' time, training and evaluation (`seconds`). A run whose checkpoint
     later runs start from (`keep_checkpoint`) is trained again if only its logs survived: a fresh clone
     has the committed logs but not the gitignored checkpoints."""
-    lost_checkpoint = keep_checkpoint and finished(out_dir) and not (out_dir / "checkpoint").is_dir()
-    if lost_checkpoint:
+    done = finished(out_dir)
+    if done and keep_checkpoint and not (out_dir / "checkpoint").is_dir():
         log(f"{out_dir} finished but its checkpoint is gone; training it again")
         shutil.rmtree(out_dir / "train_state", ignore_errors=True)  # the trainer refuses to start over one
-    if lost_checkpoint or not finished(out_dir):
+        done = False
+    if not done:
         resume = (out_dir / "train_state").is_dir()
         command = [sys.executable, "-m", "offline_training.train", f"out_dir={out_dir}", "progress=false", "cpu=true",
                    *overrides, *(["resume=true"] if resume else [])]

@@ -116,6 +116,22 @@ def init_student(cfg: DictConfig, teacher: MindEyeUnCLIPPipeline) -> UNet2DCondi
     return unet.float()
 
 
+def guided_ddim_step(teacher: MindEyeUnCLIPPipeline, x_bchw: torch.Tensor, t_b: torch.Tensor,
+                     alpha_bar_b: torch.Tensor, alpha_bar_next_b: torch.Tensor, g_b: torch.Tensor,
+                     tokens_bld: torch.Tensor, added_2b: dict) -> torch.Tensor:
+    """One DDIM step (eta 0) of the teacher guided at scale g_b from x at t_b to the level alpha_bar_next_b;
+    its unconditional input is random tokens, as at sampling. `added_2b`: micro-conditioning for 2b rows."""
+    import torch
+
+    tokens_2b = torch.cat((torch.randn_like(tokens_bld), tokens_bld))
+    out_u, out_c = teacher.unet(teacher.denoiser_input(torch.cat((x_bchw, x_bchw)), tokens_2b), torch.cat((t_b, t_b)),
+                                encoder_hidden_states=tokens_2b, added_cond_kwargs=added_2b).sample.chunk(2)
+    g = g_b[:, None, None, None]
+    x0, eps = x0_and_eps(out_u + g * (out_c - out_u), x_bchw, alpha_bar_b, teacher.scheduler.config.prediction_type)
+    a_next = alpha_bar_next_b[:, None, None, None]
+    return a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+
+
 class ConsistencyDistiller:
     """The LCM loss of one batch, given the frozen teacher pipeline, the student and its target network."""
 
@@ -157,12 +173,7 @@ class ConsistencyDistiller:
 
         with torch.no_grad():
             added_2b = {k: torch.cat((v, v)) for k, v in added.items()}
-            tokens_2b = torch.cat((torch.randn_like(tokens_bld), tokens_bld))  # unconditional: random tokens
-            out_u, out_c = teacher.unet(teacher.denoiser_input(torch.cat((x_t, x_t)), tokens_2b), torch.cat((t, t)),
-                                        encoder_hidden_states=tokens_2b, added_cond_kwargs=added_2b).sample.chunk(2)
-            g = g_b[:, None, None, None]
-            x0_g, eps_g = x0_and_eps(out_u + g * (out_c - out_u), x_t, a_t, self.prediction_type)
-            x_prev = a_prev.sqrt()[:, None, None, None] * x0_g + (1 - a_prev).sqrt()[:, None, None, None] * eps_g
+            x_prev = guided_ddim_step(teacher, x_t, t, a_t, a_prev, g_b, tokens_bld, added_2b)
             out_target = self.target(teacher.denoiser_input(x_prev, tokens_bld), t_prev, encoder_hidden_states=tokens_bld, added_cond_kwargs=added,
                                      timestep_cond=w_emb).sample
             c_skip_p, c_out_p = boundary_scalings(t_prev)
@@ -268,17 +279,10 @@ class ProgressiveDistiller:
         teacher, b, alpha_bar = self.teacher, len(x_bchw), self.alpha_bar.to(x_bchw.device)
         added = micro_conditioning_ids(2 * b, tuple(teacher.config.original_size), tuple(teacher.config.crop_coords),
                                        device=x_bchw.device)
-        g = g_b[:, None, None, None]
         with torch.no_grad():
             for j in range(substeps_bm.shape[1] - 1):
                 t, t_next = substeps_bm[:, j], substeps_bm[:, j + 1]
-                tokens_2b = torch.cat((torch.randn_like(tokens_bld), tokens_bld))  # unconditional: random tokens
-                out_u, out_c = teacher.unet(teacher.denoiser_input(torch.cat((x_bchw, x_bchw)), tokens_2b),
-                                            torch.cat((t, t)), encoder_hidden_states=tokens_2b,
-                                            added_cond_kwargs=added).sample.chunk(2)
-                x0, eps = x0_and_eps(out_u + g * (out_c - out_u), x_bchw, alpha_bar[t], self.prediction_type)
-                a_next = alpha_bar[t_next][:, None, None, None]
-                x_bchw = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+                x_bchw = guided_ddim_step(teacher, x_bchw, t, alpha_bar[t], alpha_bar[t_next], g_b, tokens_bld, added)
         return x_bchw
 
     def loss(self, images_b3hw: torch.Tensor, tokens_bld: torch.Tensor) -> torch.Tensor:

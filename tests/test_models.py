@@ -11,7 +11,8 @@ import torch
 
 import mindeye.models.prior as prior_module
 from mindeye.models import (MindEyeConfig, available_configs, build_model, count_parameters, load_config)
-from mindeye.models.prior import PRIOR_SAMPLERS, cosine_alphas_cumprod, prior_scheduler, relative_position_buckets
+from mindeye.models.prior import (PRIOR_SAMPLERS, cosine_alphas_cumprod, guided_x_start, prior_scheduler,
+                                  relative_position_buckets)
 
 TINY_VOXELS = {"subj01": 40, "subj02": 50}
 NSD_SUBJ01 = {"subj01": 15724}
@@ -277,7 +278,7 @@ def old_ddim_loop(prior, brain_tokens, steps=20, cond_scale=1.0, generator=None,
     x_bnd = torch.randn(brain_tokens.shape, device=brain_tokens.device, dtype=brain_tokens.dtype,
                         generator=generator)
     for t, t_next in zip(times, times[1:] + [None]):
-        x_start = prior._guided_x_start(x_bnd, t, brain_tokens, cond_scale)
+        x_start = guided_x_start(prior, x_bnd, t, brain_tokens, prior.null_brain_tokens, cond_scale)
         if t_next is None:
             break
         a_t, a_next = alpha_bar[t].item(), alpha_bar[t_next].item()

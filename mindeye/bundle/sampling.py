@@ -3,9 +3,8 @@
 The bundle exports the prior's denoiser (one call: noisy tokens, timestep, brain tokens -> x_start) and
 not its sampling loop, so the number of steps and the sampler stay runtime choices. This loop is
 `DiffusionPrior.sample`'s, with the denoiser passed in: the same scheduler's timesteps, noise draw and
-updates, and the same classifier-free guidance: the exported denoiser is the conditional one, and its
-unconditional output is the same graph given the prior's learned null brain tokens in place of the brain's
-(what the prior's forward substitutes for a dropped condition), both halves in one batched call.
+updates, and the same classifier-free guidance (`guided_x_start`: the exported conditional denoiser, given
+the prior's null brain tokens for the unconditional half).
 
 Why not call the scheduler's step(): diffusers' step costs ~1-3 ms of Python a call on this CPU, more
 than the exported denoiser itself (0.3 ms at the tiny and medium sizes), so it dominated the model path.
@@ -21,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from mindeye.models.prior import prior_scheduler
+from mindeye.models.prior import guided_x_start, prior_scheduler
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_bld, t_b int64, brain_bld) -> x0
 
@@ -58,19 +57,11 @@ def sample_prior(denoise: Denoiser, brain_bld: torch.Tensor, *, steps: int, samp
     cond_scale != 1 guides them: x_start = uncond + cond_scale * (cond - uncond), uncond from `null_brain_ld`."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be in [1, {timesteps}], got {steps}")
-    if cond_scale != 1.0 and null_brain_ld is None:
-        raise ValueError("prior guidance (cond_scale != 1) needs the prior's null brain tokens")
     schedule, coefficients = step_coefficients(sampler, timesteps, steps)
     x_bld = torch.randn(brain_bld.shape, device=brain_bld.device, dtype=brain_bld.dtype, generator=generator)
     previous = torch.zeros_like(x_bld)
-    if cond_scale != 1.0:
-        brain_bld = torch.cat((brain_bld, null_brain_ld.to(brain_bld).expand_as(brain_bld)))
     for i, t in enumerate(schedule):
-        x_in = x_bld if cond_scale == 1.0 else torch.cat((x_bld, x_bld))
-        x_start = denoise(x_in, torch.full((len(x_in),), t, device=x_bld.device), brain_bld)
-        if cond_scale != 1.0:
-            cond, uncond = x_start.chunk(2)
-            x_start = uncond + cond_scale * (cond - uncond)
+        x_start = guided_x_start(denoise, x_bld, t, brain_bld, null_brain_ld, cond_scale)
         if i < steps - 1:
             a, b, c = coefficients[i].tolist()
             x_bld = (a * x_bld + b * x_start + c * previous).to(brain_bld.dtype)

@@ -252,17 +252,23 @@ class DiffusionPrior(nn.Module):
         x_bnd = torch.randn(brain_tokens.shape, device=brain_tokens.device, dtype=brain_tokens.dtype,
                             generator=generator)
         for i, t in enumerate(scheduler.timesteps):
-            x_start = self._guided_x_start(x_bnd, int(t), brain_tokens, cond_scale)
+            x_start = guided_x_start(self, x_bnd, int(t), brain_tokens, self.null_brain_tokens, cond_scale)
             if i < steps - 1:
                 x_bnd = scheduler.step(x_start, t, x_bnd, **step_options).prev_sample.to(brain_tokens.dtype)
         return x_start
 
-    def _guided_x_start(self, x_bnd: torch.Tensor, t: int, brain_bnd: torch.Tensor, cond_scale: float) -> torch.Tensor:
-        b = x_bnd.shape[0]
-        if cond_scale == 1.0:
-            return self(x_bnd, torch.full((b,), t, device=x_bnd.device), brain_bnd)
-        keep_2b = torch.arange(2 * b, device=x_bnd.device) < b  # second half: null brain tokens
-        both = self(torch.cat((x_bnd, x_bnd)), torch.full((2 * b,), t, device=x_bnd.device),
-                    torch.cat((brain_bnd, brain_bnd)), keep_2b)
-        cond, uncond = both.chunk(2)
-        return uncond + cond_scale * (cond - uncond)
+
+def guided_x_start(denoise, x_bnd: torch.Tensor, t: int, brain_bnd: torch.Tensor,
+                   null_brain_nd: torch.Tensor | None, cond_scale: float) -> torch.Tensor:
+    """The denoiser's x_start at timestep t, guided: uncond + cond_scale * (cond - uncond), the unconditional
+    branch being the same denoiser given the null brain tokens (what the prior's forward puts in place of a
+    dropped condition), both in one batched call. `denoise(x, t_b, brain)`: the prior, or its exported graph."""
+    b, device = x_bnd.shape[0], x_bnd.device
+    if cond_scale == 1.0:
+        return denoise(x_bnd, torch.full((b,), t, device=device), brain_bnd)
+    if null_brain_nd is None:
+        raise ValueError("prior guidance (cond_scale != 1) needs the prior's null brain tokens")
+    null_bnd = null_brain_nd.to(brain_bnd).expand_as(brain_bnd)
+    both = denoise(torch.cat((x_bnd, x_bnd)), torch.full((2 * b,), t, device=device), torch.cat((brain_bnd, null_bnd)))
+    cond, uncond = both.chunk(2)
+    return uncond + cond_scale * (cond - uncond)
