@@ -23,10 +23,12 @@ from mindeye.evaluation import (
     build_feature_extractor,
     correlation_distance,
     evaluate_reconstructions,
+    paired_difference,
     pixcorr,
     save_image_grid,
     ssim,
     two_way_identification,
+    two_way_wins,
     write_table,
 )
 from mindeye.metrics import RetrievalScore
@@ -149,6 +151,25 @@ def test_two_way_identification_flattens_features_per_image():
     pred = target + rng.normal(scale=3.0, size=target.shape)
     assert two_way_identification(pred, target) == two_way_identification(pred.reshape(12, -1),
                                                                            target.reshape(12, -1))
+
+
+def test_two_way_wins_are_per_image_and_average_to_the_score():
+    targets = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 3.0, 2.0]])
+    preds = np.array([targets[0], targets[2], targets[2]])  # the hand-built case above
+    np.testing.assert_array_equal(two_way_wins(preds, targets), [1.0, 0.0, 1.0])
+
+
+def test_paired_difference_interval_covers_a_real_gap_and_straddles_none():
+    rng = np.random.default_rng(5)
+    base_n = rng.uniform(0.6, 0.9, size=40)
+    better_n = base_n + 0.05 + rng.normal(scale=0.02, size=40)  # better on every image: 5 points
+    mean, low, high = paired_difference(better_n, base_n)
+    assert mean == pytest.approx(0.05, abs=0.01) and 0.03 < low < mean < high < 0.07
+    noise_n = base_n + rng.normal(scale=0.05, size=40)  # no real difference
+    mean, low, high = paired_difference(noise_n, base_n)
+    assert low < 0 < high and abs(mean) < 0.03
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference(base_n, base_n[:-1])
 
 
 def test_correlation_distance_matches_its_definition():

@@ -109,8 +109,8 @@ def ssim(recon_nhwc: np.ndarray, target_nhwc: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def two_way_identification(pred_feats_nf: np.ndarray, target_feats_nf: np.ndarray) -> float:
-    """Mean over reconstructions i of the fraction of j != i with r(pred_i, target_i) > r(pred_i, target_j).
+def two_way_wins(pred_feats_nf: np.ndarray, target_feats_nf: np.ndarray) -> np.ndarray:
+    """(n,): for each reconstruction i, the fraction of j != i with r(pred_i, target_i) > r(pred_i, target_j).
 
     Features are flattened per image; 0.5 is chance, 1.0 perfect.
     """
@@ -124,7 +124,29 @@ def two_way_identification(pred_feats_nf: np.ndarray, target_feats_nf: np.ndarra
         raise ValueError(f"feature sizes differ: {pred_z.shape[1]} (reconstructions) vs {target_z.shape[1]} (seen)")
     r_nn = pred_z @ target_z.T / pred_z.shape[1]  # r_nn[i, j] = corr(pred_i, target_j)
     wins_n = np.sum(r_nn < np.diag(r_nn)[:, None], axis=1)  # the diagonal never beats itself
-    return float(np.mean(wins_n / (n - 1)))
+    return wins_n / (n - 1)
+
+
+def two_way_identification(pred_feats_nf: np.ndarray, target_feats_nf: np.ndarray) -> float:
+    """Mean over reconstructions of `two_way_wins`: the paper's 2-way identification (0.5 chance)."""
+    return float(np.mean(two_way_wins(pred_feats_nf, target_feats_nf)))
+
+
+def paired_difference(a_n: np.ndarray, b_n: np.ndarray, *, resamples: int = 10_000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over images, with a percentile bootstrap interval that resamples the images.
+
+    For per-image scores of two methods on the same images (e.g. `two_way_wins`): the interval says
+    whether a beats b beyond which images happened to be in the test set (the distractors stay fixed).
+    Returns (mean, low, high).
+    """
+    a_n, b_n = np.asarray(a_n, dtype=np.float64), np.asarray(b_n, dtype=np.float64)
+    if a_n.shape != b_n.shape or a_n.ndim != 1 or len(a_n) < 2:
+        raise ValueError(f"need two equal-length score vectors of 2+ images, got {a_n.shape} and {b_n.shape}")
+    diff_n = a_n - b_n
+    picks_rn = np.random.default_rng(seed).integers(0, len(diff_n), size=(resamples, len(diff_n)))
+    low, high = np.quantile(diff_n[picks_rn].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return float(diff_n.mean()), float(low), float(high)
 
 
 def correlation_distance(pred_feats_nf: np.ndarray, target_feats_nf: np.ndarray) -> float:

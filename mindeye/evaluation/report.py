@@ -25,6 +25,7 @@ from mindeye.evaluation.image_metrics import (
     resize_nchw,
     ssim,
     two_way_identification,
+    two_way_wins,
 )
 from mindeye.metrics import RetrievalScore
 
@@ -71,13 +72,23 @@ def evaluate_reconstructions(recon_nhwc: np.ndarray, target_nhwc: np.ndarray, *,
         notes["Image retrieval"] = notes["Brain retrieval"] = "no retrieval scores were given"
     else:
         row["Image retrieval"], row["Brain retrieval"] = retrieval.image_top1, retrieval.brain_top1
+    for column, wins_n in world_two_way_wins(recon, target, world_extractors, eval_size=None).items():
+        row[column] = float(np.mean(wins_n))  # = two_way_identification
+    row[NOTES_KEY] = notes
+    return row
+
+
+def world_two_way_wins(recon_nhwc: np.ndarray, target_nhwc: np.ndarray, world_extractors: Sequence[FeatureExtractor],
+                       *, eval_size: int | None = PAPER_EVAL_SIZE) -> dict[str, np.ndarray]:
+    """{WORLD_COLUMNS column: (n,) per-image 2-way wins} (image_metrics.two_way_wins), at `eval_size` as the table."""
+    recon, target = _at_size(recon_nhwc, eval_size, "reconstructions"), _at_size(target_nhwc, eval_size, "seen images")
     column_of = {name: column for column, name in WORLD_COLUMNS.items()}
+    wins = {}
     for extractor in world_extractors:
         if extractor.name not in column_of:
             raise ValueError(f"no table column for feature extractor '{extractor.name}'; known: {list(column_of)}")
-        row[column_of[extractor.name]] = two_way_identification(extractor(recon), extractor(target))
-    row[NOTES_KEY] = notes
-    return row
+        wins[column_of[extractor.name]] = two_way_wins(extractor(recon), extractor(target))
+    return wins
 
 
 def _at_size(images_nhwc: np.ndarray, size: int | None, what: str) -> np.ndarray:
