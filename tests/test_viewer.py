@@ -139,6 +139,23 @@ def open_page(browser, url: str, *, cards: int, status_text: str) -> None:
                      f"&& document.getElementById('status').textContent.includes('{status_text}')")
 
 
+def test_screenshot_command_waits_for_the_trials(viewer, tmp_path, capsys):
+    from PIL import Image
+
+    from realtime.viewer.headless import main as screenshot
+
+    require_chromium()
+    for n in range(2):
+        viewer.show(make_result(n, image_id=2, top_ids=(2, 4, 5), lowlevel=True, end_to_end_ms=100.0))
+    out = tmp_path / "viewer.png"
+    assert screenshot([viewer.url, str(out), "--cards", "2", "--size", "640x480"]) == 0
+    assert Image.open(out).size == (640, 480)
+    # a third trial never comes: a one-line failure naming the page, no file, no traceback
+    missing = tmp_path / "never.png"
+    assert screenshot([viewer.url, str(missing), "--cards", "3", "--timeout", "1"]) == 1
+    assert not missing.exists() and f"screenshot of {viewer.url} failed" in capsys.readouterr().out
+
+
 def test_page_renders_history_in_chromium(viewer):
     from realtime.viewer.headless import HeadlessChromium
 

@@ -142,3 +142,39 @@ class HeadlessChromium:
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
         return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m realtime.viewer.headless URL OUT.png: photograph a live viewer once it shows N trials."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m realtime.viewer.headless",
+        description="Photograph a live viewer page (mindeye-realtime / mindeye-viewer / mindeye-demo) in headless "
+                    "Chromium, once it shows at least --cards decoded trials and every image has loaded.",
+        epilog="Example: python -m realtime.viewer.headless http://127.0.0.1:8080/ docs/images/viewer.png --cards 36")
+    parser.add_argument("url")
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    parser.add_argument("--cards", type=int, default=1, help="decoded trials to wait for (default 1)")
+    parser.add_argument("--size", default="1400x1000", help="viewport WIDTHxHEIGHT in px (default 1400x1000)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the trials (default 60)")
+    args = parser.parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--size {args.size!r}: give WIDTHxHEIGHT, e.g. 1400x1000")
+    try:
+        with HeadlessChromium(window=(width, height)) as browser:
+            browser.open(args.url)
+            browser.wait_for(f"document.querySelectorAll('article.card').length >= {args.cards}", args.timeout)
+            browser.wait_for("[...document.images].every(i => i.complete)", args.timeout)
+            browser.screenshot(args.out)
+    except (FileNotFoundError, RuntimeError, TimeoutError, OSError) as error:
+        print(f"screenshot of {args.url} failed: {error}")
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
