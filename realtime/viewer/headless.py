@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m realtime.viewer.headless",
         description="Photograph a live viewer page (mindeye-realtime / mindeye-viewer / mindeye-demo) in headless "
-                    "Chromium, once it shows at least --cards decoded trials and every image has loaded.",
+                    "Chromium, once it shows at least --cards decoded trials and every image in view has loaded.",
         epilog="Example: python -m realtime.viewer.headless http://127.0.0.1:8080/ docs/images/viewer.png --cards 36")
     parser.add_argument("url")
     parser.add_argument("out", type=Path, help="the PNG to write")
@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         with HeadlessChromium(window=(width, height)) as browser:
             browser.open(args.url)
             browser.wait_for(f"document.querySelectorAll('article.card').length >= {args.cards}", args.timeout)
-            browser.wait_for("[...document.images].every(i => i.complete)", args.timeout)
+            # lazy images below the fold never load without a scroll: wait for those in view
+            browser.wait_for("[...document.images].filter(i => i.getBoundingClientRect().top < innerHeight)"
+                             ".every(i => i.complete)", args.timeout)
             browser.screenshot(args.out)
     except (FileNotFoundError, RuntimeError, TimeoutError, OSError) as error:
         print(f"screenshot of {args.url} failed: {error}")
