@@ -8,9 +8,13 @@ time (batch 1, as live decoding makes them) with seed `--seed + i` for image i i
 - each student at 1, 2, 4 steps with its own sampler (LCM for method=lcm, DDIM for method=reflow), the same
   guidance scale folded in: one UNet call a step;
 - the teacher at full steps from other seeds: how far an independent sample of the same tokens lies.
-Every method starts from the same noise: the teacher's pipeline draws its unconditional (random-token)
-input before the starting noise, so where a method draws none (the student, guidance <= 1) the same
-draw is made and discarded first.
+Every method starts from the same noise (seed + i, passed in as the starting latents). What a pipeline draws
+beyond it - the guided teacher's unconditional input (random tokens, once per image) and LCM's fresh noise per
+step - comes from another stream, and the reference's from a third: its random unconditional tokens are
+sampling noise like the starting noise, and a few-step teacher that shared them would be scored on a coupling
+that the student, whose guidance is folded in (no unconditional input), cannot have. Two rows show what that
+coupling is worth: the full teacher with another unconditional draw (the floor that draw alone sets) and the
+4-step teacher with the reference's own draw.
 
 Columns: RMSE->T / 1-SSIM->T: distance to the reference's image of the same scene and seed (per-pixel RMSE
 in [0, 1], mean over images; 1 - SSIM as mindeye.evaluation computes it); PixCorr, SSIM and 2-way
@@ -49,6 +53,7 @@ FEW_STEPS = (1, 2, 4)
 TEACHER_SAMPLERS = ("euler", "euler_karras", "dpmpp", "ddim")
 GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 5.0)
 OTHER_SEEDS = 10_000  # offset of the independent teacher samples' seeds
+DRAWS, REFERENCE_DRAWS = 1_000_000, 2_000_000  # seed offsets of the pipelines' own draws: every method's, the reference's
 
 
 @dataclass
@@ -103,29 +108,29 @@ def teacher_sampling(folder: Path) -> dict:
 
 # ---------------------------------------------------------------- generating and scoring
 
-def generate(pipe, tokens_nld: torch.Tensor, steps: int, guidance: float, seed: int, size: int
-             ) -> tuple[np.ndarray, float, float]:
-    """uint8 (N, size, size, 3) images, one per token set at batch 1 with seed + i; the median seconds per image
-    and the UNet evaluations per image (a guided step counts 2)."""
+def generate(pipe, tokens_nld: torch.Tensor, steps: int, guidance: float, seed: int, size: int,
+             draws: int = DRAWS) -> tuple[np.ndarray, float, float]:
+    """uint8 (N, size, size, 3) images, one per token set at batch 1 from the starting noise of seed + i and the
+    pipeline's other draws from seed + draws + i; the median seconds per image and the UNet evaluations per image
+    (a guided step counts 2)."""
     batches: list[int] = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
     images, seconds = [], []
+    shape = (1, pipe.sample_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     try:
         for i, tokens_1ld in enumerate(tokens_nld.split(1)):
-            generator = torch.Generator().manual_seed(seed + i)
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
             start = time.perf_counter()
-            if pipe.is_student or guidance <= 1.0:  # the guided teacher's random unconditional tokens, discarded
-                torch.randn(tokens_1ld.shape, generator=generator)
-            images.append(pipe(tokens_1ld, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                               output_size=size).images)
+            images.append(pipe(tokens_1ld, num_inference_steps=steps, guidance_scale=guidance, latents=noise,
+                               generator=torch.Generator().manual_seed(seed + draws + i), output_size=size).images)
             seconds.append(time.perf_counter() - start)
     finally:
         hook.remove()
     return np.concatenate(images), float(np.median(seconds)), sum(batches) / len(tokens_nld)
 
 
-def run(pipe, who: str, steps: int, guidance: float, tokens_nld, seed: int, size: int) -> Row:
-    images, s_per_image, evals = generate(pipe, tokens_nld, steps, guidance, seed, size)
+def run(pipe, who: str, steps: int, guidance: float, tokens_nld, seed: int, size: int, draws: int = DRAWS) -> Row:
+    images, s_per_image, evals = generate(pipe, tokens_nld, steps, guidance, seed, size, draws)
     print(f"  {who} {sampler_name(pipe.scheduler)} {steps} steps, guidance {guidance:g}: {s_per_image:.3f} s/image",
           flush=True)
     return Row(who, sampler_name(pipe.scheduler), steps, images, evals, s_per_image)
@@ -183,19 +188,20 @@ def table(rows: list[Row], reference: Row) -> list[str]:
 def verdict(student: Row, rows: list[Row], reference: Row, independent: Row) -> list[str]:
     teacher = best_teacher_samplers(rows)[max(FEW_STEPS)]
     s, t, ref = student.scores, teacher.scores, reference.scores
-    beats = s["rmse_t"] < t["rmse_t"]
+    beats = s["rmse_t"] < t["rmse_t"] and s["dssim_t"] < t["dssim_t"]
+    floor = next(row for row in rows if row.who == "teacher (another draw)").scores["rmse_t"]
     return [
         f"{student.steps}-step student ({student.sampler}) vs the {teacher.steps}-step teacher's best sampler "
         f"({teacher.sampler}): "
-        f"{'BEATS it' if beats else 'does NOT beat it'} on distance to the full teacher (RMSE->T {s['rmse_t']:.4f} "
+        f"{'BEATS it' if beats else 'does NOT beat it'} on both distances to the full teacher (RMSE->T {s['rmse_t']:.4f} "
         f"vs {t['rmse_t']:.4f}, 1-SSIM->T {s['dssim_t']:.4f} vs {t['dssim_t']:.4f}); against the seen images "
         f"2-way {s['two_way']:.3f} vs {t['two_way']:.3f}, PixCorr {s['pixcorr']:.3f} vs {t['pixcorr']:.3f}, "
         f"SSIM {s['ssim']:.3f} vs {t['ssim']:.3f}",
         f"{student.steps}-step student ({student.sampler}) vs the full teacher ({reference.steps} steps): 2-way "
         f"{s['two_way']:.3f} vs "
         f"{ref['two_way']:.3f}, PixCorr {s['pixcorr']:.3f} vs {ref['pixcorr']:.3f}, SSIM {s['ssim']:.3f} vs "
-        f"{ref['ssim']:.3f}; RMSE->T {s['rmse_t']:.4f} (an independent full-teacher sample of the same tokens: "
-        f"{independent.scores['rmse_t']:.4f}); {reference.s_per_image / student.s_per_image:.1f}x faster, "
+        f"{ref['ssim']:.3f}; RMSE->T {s['rmse_t']:.4f} (the full teacher from the same noise with another "
+        f"unconditional draw: {floor:.4f}; from other noise: {independent.scores['rmse_t']:.4f}); {reference.s_per_image / student.s_per_image:.1f}x faster, "
         f"{reference.evals_per_image / student.evals_per_image:.0f}x fewer UNet evaluations"]
 
 
@@ -241,17 +247,19 @@ def main(argv=None) -> None:
     full_sampler, base = sampler_name(teacher.scheduler), teacher.scheduler
     size, seed = seen.shape[1], args.seed
 
-    reference = run(teacher, "teacher (reference)", steps, guidance, tokens_nld, seed, size)
-    rows = [reference]
+    reference = run(teacher, "teacher (reference)", steps, guidance, tokens_nld, seed, size, REFERENCE_DRAWS)
+    rows = [reference, run(teacher, "teacher (another draw)", steps, guidance, tokens_nld, seed, size)]
     for n in FEW_STEPS:
         for name in TEACHER_SAMPLERS:
             teacher.scheduler = make_scheduler(name, base)
             rows.append(run(teacher, "teacher", n, guidance, tokens_nld, seed, size))
     teacher.scheduler = base
+    rows.append(run(teacher, "teacher (T's draw)", max(FEW_STEPS), guidance, tokens_nld, seed, size, REFERENCE_DRAWS))
     rows += [run(student, "student", n, guidance, tokens_nld, seed, size) for student in students for n in FEW_STEPS]
     independent = run(teacher, "teacher (other seeds)", steps, guidance, tokens_nld, seed + OTHER_SEEDS, size)
     rows.append(independent)
-    sweep = {g: reference if g == guidance else run(teacher, "teacher", steps, g, tokens_nld, seed, size)
+    sweep = {g: reference if g == guidance else run(teacher, "teacher", steps, g, tokens_nld, seed, size,
+                                                     REFERENCE_DRAWS)
              for g in GUIDANCE_SWEEP}
     for row in {id(r): r for r in [*rows, *sweep.values()]}.values():
         score(row, reference.images, seen, seen_features, features)
@@ -262,7 +270,9 @@ def main(argv=None) -> None:
                           for folder, student in zip(args.student, students))
               + f", guidance {guidance:g} folded in",
               f"{len(seen)} held-out scenes (the world's shared images, {args.world}), true CLIP tokens "
-              f"{tuple(tokens_nld.shape[1:])}, {size} px, seed {seed} + i for image i in every method; batch 1, "
+              f"{tuple(tokens_nld.shape[1:])}, {size} px, starting noise of seed {seed} + i for image i in every method, "
+              f"the pipelines' other draws (unconditional tokens, LCM's noise) of seed {seed} + {DRAWS} + i and "
+              f"the reference's of seed {seed} + {REFERENCE_DRAWS} + i; batch 1, "
               f"{torch.get_num_threads()} CPU thread(s), load average {os.getloadavg()[0]:.2f}",
               "T = the reference (first row); * = the teacher sampler closest to T at its step count; "
               "2-way on world CLIP features (chance 0.5)", ""]
