@@ -5,8 +5,8 @@ world when it is absent), each generated from its TRUE CLIP tokens (the world's 
 time (batch 1, as live decoding makes them) with seed `--seed + i` for image i in every method. Methods:
 - the teacher at its full steps (38, its saved sampler, Euler, at its guidance): the reference;
 - the teacher at 1, 2, 4 steps with euler, euler_karras, dpmpp, ddim (classifier-free guidance, same scale);
-- each student at 1, 2, 4 steps with its own sampler (LCM for method=lcm, DDIM for method=reflow), the same
-  guidance scale folded in: one UNet call a step;
+- each student at 1, 2, 4 steps with its own sampler (LCM for method=lcm, DDIM for method=reflow, Euler for
+  method=progressive), the same guidance scale folded in: one UNet call a step;
 - the teacher at full steps from other seeds: how far an independent sample of the same tokens lies.
 Every method starts from the same noise (seed + i, passed in as the starting latents). What a pipeline draws
 beyond it - the guided teacher's unconditional input (random tokens, once per image) and LCM's fresh noise per
