@@ -10,7 +10,7 @@ seen images' true world-CLIP tokens: 2-way identification among the test images 
 
     .venv/bin/python benchmarks/decoded_token_quality.py --data-root data/world/tiny --cond-scales 1 3 5 \\
         --checkpoint 1=runs/bench/reconstruction_quality_small/subj01/checkpoint:1,2,3,4 \\
-        --checkpoint 8=runs/bench/reconstruction_quality_small/subj08-session1-e60-from-pretrain-subj1-7-e40/checkpoint:1 \\
+        --checkpoint 8=runs/bench/reconstruction_quality_small/subj08-session1-e60-freeze-prior-from-pretrain-subj1-7-e40/checkpoint:1 \\
         --checkpoint 1=runs/bench/reconstruction_quality_small/pretrain-subj1-7-e40/checkpoint:1,2,3,4 \\
         > benchmarks/results/decoded_token_quality.txt
 (the checkpoints benchmarks/reconstruction_quality.py trains; add --model tiny --runs <folder> there for the

@@ -10,7 +10,8 @@ an endless stream of other scenes, never on the world's stimuli). For each gener
   Decoding models: `--model` (configs/model/small by default). Subject 1: from scratch on sessions 1-4,
   100 epochs, lr 1e-3. Subject 8: pretrained on subjects 1-7 (40 epochs, lr 1e-3: at the default 3e-4
   and 20 epochs the prior's test loss stalls at 0.37 and its tokens lose identity), fine-tuned on its
-  session 1 only (as one_session_claim.py: 60 epochs), the paper's 1-hour setting.
+  session 1 only (60 epochs), the paper's 1-hour setting, with its prior kept at the pretrained weights
+  (freeze=[prior]: better tokens and images on held-out folds of session 1, benchmarks/finetune_recipe.py).
 Metrics (mindeye.evaluation, on the paper's 256 px): PixCorr, SSIM and 2-way identification among the 30
 test images (chance 50 %) with the world's own CLIP encoder (flattened tokens) and with a seeded random
 AlexNet (conv5), a network the generator was not conditioned on. All of it is offline_training.evaluate's
@@ -65,16 +66,19 @@ def subject1_checkpoint(root: Path, runs: Path, model: str, log) -> Path:
     return runs / "subj01" / "checkpoint"
 
 
-def subject8_checkpoint(root: Path, runs: Path, model: str, pretrain_epochs: int, subject_epochs: int, log) -> Path:
-    """Pretrain on subjects 1-7, fine-tune subject 8 on session 1 (one_session_claim.py's runs; cached)."""
+def subject8_checkpoint(root: Path, runs: Path, model: str, pretrain_epochs: int, subject_epochs: int,
+                        sessions: list[int], recipe: list[str], log) -> Path:
+    """Pretrain on subjects 1-7, fine-tune subject 8 on `sessions` with the `recipe` overrides (cached)."""
     data = [f"data.root={root}", "seed=0"]
     pretrained = runs / f"pretrain-subj1-7-e{pretrain_epochs}"
     run_training(pretrained, [*data, f"model={model}", "mode=pretrain", "subjects=[1,2,3,4,5,6,7]",
                               f"train.epochs={pretrain_epochs}", "train.lr=1e-3"], log)
-    finetuned = runs / f"subj08-session1-e{subject_epochs}-from-{pretrained.name}"  # a new pretraining, a new run
-    run_training(finetuned, [*data, "mode=finetune", "subjects=[8]", "train_sessions=[1]",
+    tag = "".join(f"-{o.replace('=', '-').replace('[', '').replace(']', '').replace(',', '+')}" for o in recipe)
+    finetuned = runs / (f"subj08-session{'+'.join(map(str, sessions))}-e{subject_epochs}{tag}"
+                        f"-from-{pretrained.name}")  # a new pretraining or recipe, a new run
+    run_training(finetuned, [*data, "mode=finetune", "subjects=[8]", f"train_sessions=[{','.join(map(str, sessions))}]",
                              f"init_from={pretrained / 'checkpoint'}", f"train.epochs={subject_epochs}",
-                             "train.eval.sample_every=0"], log)
+                             "train.eval.sample_every=0", *recipe], log)
     return finetuned / "checkpoint"
 
 
@@ -94,6 +98,12 @@ def main() -> None:
                         help="default: pretrain 1-7 and fine-tune on session 1 in <runs>")
     parser.add_argument("--pretrain-epochs", type=int, default=40)
     parser.add_argument("--subject-epochs", type=int, default=60, help="subject 8's fine-tuning epochs")
+    parser.add_argument("--subject8-sessions", type=int, nargs="+", default=[1],
+                        help="subject 8's fine-tuning sessions (1: the one-session setting; a tiny-world session "
+                             "holds 77 trials, an NSD session 750)")
+    parser.add_argument("--subject8-recipe", nargs="*", default=["freeze=[prior]"],
+                        help="subject 8's fine-tuning overrides, chosen on validation folds of session 1 "
+                             "(benchmarks/finetune_recipe.py)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="default: 38")
     parser.add_argument("--student-steps", type=int, default=None, help="default: 4")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
@@ -122,8 +132,9 @@ def main() -> None:
     if 1 in args.subjects:
         checkpoints[1] = args.checkpoint_subj1 or subject1_checkpoint(root, runs, args.model, print)
     if 8 in args.subjects:
-        checkpoints[8] = args.checkpoint_subj8 or subject8_checkpoint(root, runs, args.model, args.pretrain_epochs,
-                                                                      args.subject_epochs, print)
+        checkpoints[8] = args.checkpoint_subj8 or subject8_checkpoint(
+            root, runs, args.model, args.pretrain_epochs, args.subject_epochs, args.subject8_sessions,
+            args.subject8_recipe, print)
     data_cfg = load_config("evaluate", [f"data.root={root}"]).data
     clip_id = clip_identity(target_clip_config(data_cfg))
     generations, folders = {}, {}
@@ -212,7 +223,9 @@ def write_outputs(args, command: str, rows: dict, columns: dict, versus: dict, i
     (args.out / "versus_low_level.json").write_text(json.dumps(versus, indent=2) + "\n")
     trained = {1: " ".join(subject1_overrides(args.model)) if args.checkpoint_subj1 is None else "given",
                8: (f"model={args.model}, pretrained on subjects 1-7, {args.pretrain_epochs} epochs, lr 1e-3; "
-                   f"fine-tuned on session 1, {args.subject_epochs} epochs") if args.checkpoint_subj8 is None
+                   f"fine-tuned on session(s) {args.subject8_sessions}, {args.subject_epochs} epochs"
+                   f"{', ' + ' '.join(args.subject8_recipe) if args.subject8_recipe else ''}")
+               if args.checkpoint_subj8 is None
                else "given"}
     first = next(iter(generations.values()))
     header = [f"# Reconstructions on the `{args.data_root}` world", "", f"Command: `{command}`", "",

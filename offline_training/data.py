@@ -10,6 +10,7 @@ betas in the same units (mindeye-calibrate makes a live one).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,18 @@ def load_subject(data_cfg, subject: int, train_sessions: list[int] | None = None
                        test_voxels=np.concatenate([v for v, _ in test_parts]),
                        test_image_ids=np.concatenate([i for _, i in test_parts]),
                        zscore_mean=mean, zscore_std=std)
+
+
+def hold_out_fold(data: SubjectData, folds: int, fold: int, seed: int = 0) -> SubjectData:
+    """`data` with fold `fold` (1-based) of `folds` of its training images as the evaluation set instead of the
+    test images: every trial of a held-out image leaves training, so recipes are chosen without the test set."""
+    if not (isinstance(folds, int) and isinstance(fold, int) and folds >= 2 and 1 <= fold <= folds):
+        raise ValueError(f"a validation fold is 1..folds with folds >= 2, got fold {fold!r} of {folds!r}")
+    images = np.random.default_rng(seed).permutation(np.unique(data.train_image_ids))
+    held_out = np.isin(data.train_image_ids, np.array_split(images, folds)[fold - 1])
+    return dataclasses.replace(data, train_voxels=data.train_voxels[~held_out],
+                               train_image_ids=data.train_image_ids[~held_out],
+                               test_voxels=data.train_voxels[held_out], test_image_ids=data.train_image_ids[held_out])
 
 
 def betas_units(data_cfg) -> tuple[str, str]:

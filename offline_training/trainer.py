@@ -42,7 +42,7 @@ from mindeye.metrics import retrieval_top1
 from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_calibration, save_checkpoint
 from mindeye.models.prior import check_sampler, draw_noise
 from mindeye.targets import TargetRows, build_target_cache
-from offline_training.data import SubjectData, betas_units, load_subject
+from offline_training.data import SubjectData, betas_units, hold_out_fold, load_subject
 from offline_training.evaluate import predict_test_set
 from offline_training.losses import (ContrastiveSchedule, Mixup, low_level_loss, mixco_loss, sample_mixup,
                                      soft_clip_loss, unit_rows)
@@ -50,6 +50,7 @@ from offline_training.plots import plot_training_log
 
 logger = logging.getLogger(__name__)
 MODES = ("pretrain", "finetune", "scratch")
+FREEZABLE = ("aligner", "backbone", "retrieval_head", "low_level_head", "prior")
 STATE_DIR, CHECKPOINT_DIR = "train_state", "checkpoint"
 RESUME_IGNORED_KEYS = ("out_dir", "resume", "progress", "train.stop_after_epoch")  # may differ on resume
 
@@ -480,6 +481,14 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("adapter_rank") is not None and (cfg.mode != "finetune" or int(cfg.adapter_rank) < 1):
         raise ConfigValueError(f"adapter_rank is a positive rank for mode=finetune, got {cfg.adapter_rank!r} with "
                                f"mode={cfg.mode}")
+    freeze = list(cfg.get("freeze") or [])
+    if freeze and (cfg.mode != "finetune" or not set(freeze) <= set(FREEZABLE)):
+        raise ConfigValueError(f"freeze lists parts of a pretrained model for mode=finetune, among {list(FREEZABLE)}; "
+                               f"got {freeze} with mode={cfg.mode}")
+    fold = cfg.get("validation_fold")
+    if fold is not None and not (len(fold) == 2 and all(isinstance(k, int) for k in fold) and 1 <= fold[0] <= fold[1]
+                                 and fold[1] >= 2):
+        raise ConfigValueError(f"validation_fold is [k, n], fold k of n >= 2 folds, got {fold}")
     subjects = list(cfg.subjects or [])
     if not subjects or len(set(subjects)) != len(subjects) or not all(isinstance(s, int) for s in subjects):
         raise ConfigValueError(f"subjects must be a list of distinct subject numbers, got {cfg.subjects}")
@@ -538,6 +547,9 @@ def train(cfg: DictConfig) -> Path:
     set_seed(cfg.seed)
     subjects = [load_subject(cfg.data, s, list(cfg.train_sessions) if cfg.train_sessions else None)
                 for s in cfg.subjects]
+    if cfg.get("validation_fold"):
+        fold, folds = cfg.validation_fold
+        subjects = [hold_out_fold(s, folds, fold) for s in subjects]
     image_ids = np.concatenate([np.concatenate([s.train_image_ids, s.test_image_ids]) for s in subjects])
     targets, token_shape, low_level_shape = load_targets(cfg.data, image_ids, accelerator, cfg.progress)
     model = build_run_model(cfg, subjects, token_shape, low_level_shape)
@@ -546,6 +558,8 @@ def train(cfg: DictConfig) -> Path:
             raise ConfigValueError("adapter_rank runs without FSDP or DeepSpeed (its checkpoint merges the adapters "
                                    "of an unsharded model): use DDP or one process")
         model = add_backbone_adapters(model, int(cfg.adapter_rank))
+    for part in cfg.get("freeze") or []:
+        getattr(model, part).requires_grad_(False)
     prior_config = model.config.prior
     optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     plan = BatchPlan([len(s.train_voxels) for s in subjects], cfg.train.batch_per_subject,

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from mindeye.config import CONFIG_DIR, load_config
 from mindeye.errors import ConfigValueError
 from mindeye.models import build_model, calibration_units, load_checkpoint
-from offline_training.data import load_subject
+from offline_training.data import hold_out_fold, load_subject
 from offline_training.trainer import BatchPlan, init_from_pretrained, make_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,6 +146,28 @@ def test_an_adapter_finetune_trains_the_aligner_and_low_rank_backbone_updates_on
         run(root, tmp_path / "bad", "mode=scratch", "adapter_rank=2")
 
 
+def test_a_frozen_prior_finetune_on_a_validation_fold_keeps_the_prior_and_evaluates_held_out_images(
+        pretrained, tmp_path):
+    root, pretrain_dir = pretrained
+    tuned = run(root, tmp_path / "frozen", "mode=finetune", "subjects=[8]", "train_sessions=[1]", "train.epochs=2",
+                f"init_from={pretrain_dir}", "freeze=[prior]", "validation_fold=[2,4]", "train.eval.sample_every=0")
+    before, after = weights(pretrain_dir), weights(tuned)
+    prior = [k for k in after if k.startswith("prior.")]
+    assert prior and all(torch.equal(after[k], before[k]) for k in prior)
+    assert not torch.equal(after["backbone.to_tokens.weight"], before["backbone.to_tokens.weight"])
+    session = load_subject(load_config("train", [f"data.root={root}"]).data, 8, [1])
+    held_out = hold_out_fold(session, 4, 2)
+    n_images = len(np.unique(session.train_image_ids))
+    assert len(np.unique(held_out.test_image_ids)) in (n_images // 4, n_images // 4 + 1)
+    assert not set(held_out.test_image_ids) & set(held_out.train_image_ids)  # every trial of a held-out image
+    assert len(held_out.train_voxels) + len(held_out.test_voxels) == len(session.train_voxels)
+    log = read_log(tuned)
+    assert log[-1]["step"] == 2 * (len(held_out.train_voxels) // 16)  # trained without the held-out fold
+    assert log[-1]["test/chance"] == pytest.approx(1 / len(np.unique(held_out.test_image_ids)))  # evaluated on it
+    folds = [set(hold_out_fold(session, 4, k).test_image_ids) for k in (1, 2, 3, 4)]
+    assert set().union(*folds) == set(session.train_image_ids) and sum(map(len, folds)) == n_images
+
+
 # --- resume and multi-process equality ---------------------------------------------------------------------
 
 def test_resume_after_an_epoch_reproduces_the_uninterrupted_run_exactly(tiny_world, tmp_path):
@@ -272,6 +294,8 @@ def test_optimizer_does_not_decay_biases_and_normalisation_weights():
     (["subjects=[1,1]"], ValueError, "distinct subject numbers"),
     (["train.eval.subjects=[3]"], ValueError, "must be among the trained subjects"),
     (["resume=true"], FileNotFoundError, "holds no training state"),
+    (["freeze=[prior]"], ValueError, "freeze lists parts of a pretrained model for mode=finetune"),
+    (["validation_fold=[5,4]"], ValueError, "validation_fold is \\[k, n\\]"),
 ])
 def test_bad_settings_are_refused_with_the_key_named(tmp_path, extra, error, message):
     with pytest.raises(error, match=message):
