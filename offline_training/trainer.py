@@ -571,9 +571,15 @@ def train(cfg: DictConfig) -> Path:
     # Made after prepare (DeepSpeed may swap the optimizer) and kept out of it (accelerate would step it
     # once per process per global batch).
     epochs = cfg.train.epochs
+    total_steps = epochs * plan.steps_per_epoch
+    if total_steps < 3:  # OneCycleLR's warm-up and annealing phases need a step each past the first
+        raise ConfigValueError(f"train.epochs={epochs} x {plan.steps_per_epoch} step(s) an epoch = {total_steps} "
+                               f"optimizer step(s), too few for the one-cycle schedule: raise train.epochs to "
+                               f"{-(-3 // plan.steps_per_epoch)} or more")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.train.lr, total_steps=epochs * plan.steps_per_epoch,
-        pct_start=min(cfg.train.warmup_epochs / epochs, 0.5), final_div_factor=cfg.train.final_div_factor)
+        optimizer, max_lr=cfg.train.lr, total_steps=total_steps,
+        pct_start=max(min(cfg.train.warmup_epochs / epochs, 0.5), 2 / total_steps),
+        final_div_factor=cfg.train.final_div_factor)
     accelerator.register_for_checkpointing(scheduler)
     schedule = ContrastiveSchedule(epochs, cfg.train.mixup.fraction, cfg.train.mixup.temperature,
                                    cfg.train.softclip.temperature_start, cfg.train.softclip.temperature_end)

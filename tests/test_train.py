@@ -166,6 +166,9 @@ def test_a_frozen_prior_finetune_on_a_validation_fold_keeps_the_prior_and_evalua
     assert log[-1]["test/chance"] == pytest.approx(1 / len(np.unique(held_out.test_image_ids)))  # evaluated on it
     folds = [set(hold_out_fold(session, 4, k).test_image_ids) for k in (1, 2, 3, 4)]
     assert set().union(*folds) == set(session.train_image_ids) and sum(map(len, folds)) == n_images
+    with pytest.raises(ConfigValueError, match="2 optimizer step\\(s\\), too few for the one-cycle schedule"):
+        run(root, tmp_path / "short", "mode=finetune", "subjects=[8]", "train_sessions=[1]", "train.epochs=1",
+            f"init_from={pretrain_dir}", "validation_fold=[1,2]")  # half a short session: 2 batches of 16
 
 
 # --- resume and multi-process equality ---------------------------------------------------------------------
