@@ -1,8 +1,9 @@
 """How good the world's reconstructions are: from the seen images' true CLIP tokens (the generator's ceiling)
 and from brain-decoded tokens, with the full-step teacher and the few-step student.
 
-Images: the tiny world's shared test images (every subject sees them 3 times; the generator was trained on
-an endless stream of other scenes, never on the world's stimuli). For each generator given:
+Images: the world's shared test images (every subject sees them 3 times; the generator was trained on an
+endless stream of other scenes, never on the world's stimuli): the tiny world's 30 by default, the small
+world's 150 with --world small (NSD's session structure: 750 trials a session). For each generator given:
 - true tokens: the images' own CLIP tokens (the world's encoder) -> generator (target: 2-way >= 95 %);
 - brain-decoded: a subject's test-set outputs averaged over each image's repeats, the diffusion prior's
   image tokens sampled from the backbone tokens (dpmpp, 15 steps) -> generator; alone, and blended 0.25
@@ -60,25 +61,25 @@ def subject1_overrides(model: str) -> list[str]:
             "train.lr=1e-3"]
 
 
-def subject1_checkpoint(root: Path, runs: Path, model: str, log) -> Path:
+def subject1_checkpoint(root: Path, runs: Path, model: str, common: list[str], log) -> Path:
     """Subject 1 from scratch on sessions 1-4 (cached)."""
-    run_training(runs / "subj01", [f"data.root={root}", *subject1_overrides(model)], log)
+    run_training(runs / "subj01", [f"data.root={root}", *subject1_overrides(model), *common], log)
     return runs / "subj01" / "checkpoint"
 
 
 def subject8_checkpoint(root: Path, runs: Path, model: str, pretrain_epochs: int, subject_epochs: int,
-                        sessions: list[int], recipe: list[str], log) -> Path:
+                        sessions: list[int], recipe: list[str], common: list[str], log) -> Path:
     """Pretrain on subjects 1-7, fine-tune subject 8 on `sessions` with the `recipe` overrides (cached)."""
     data = [f"data.root={root}", "seed=0"]
     pretrained = runs / f"pretrain-subj1-7-e{pretrain_epochs}"
     run_training(pretrained, [*data, f"model={model}", "mode=pretrain", "subjects=[1,2,3,4,5,6,7]",
-                              f"train.epochs={pretrain_epochs}", "train.lr=1e-3"], log)
+                              f"train.epochs={pretrain_epochs}", "train.lr=1e-3", *common], log, keep_checkpoint=True)
     tag = "".join(f"-{o.replace('=', '-').replace('[', '').replace(']', '').replace(',', '+')}" for o in recipe)
     finetuned = runs / (f"subj08-session{'+'.join(map(str, sessions))}-e{subject_epochs}{tag}"
                         f"-from-{pretrained.name}")  # a new pretraining or recipe, a new run
     run_training(finetuned, [*data, "mode=finetune", "subjects=[8]", f"train_sessions=[{','.join(map(str, sessions))}]",
                              f"init_from={pretrained / 'checkpoint'}", f"train.epochs={subject_epochs}",
-                             "train.eval.sample_every=0", *recipe], log)
+                             "train.eval.sample_every=0", *recipe, *common], log)
     return finetuned / "checkpoint"
 
 
@@ -87,7 +88,12 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="a full-step generator folder")
     parser.add_argument("--student", type=Path, default=None, help="a distilled few-step generator folder")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/reconstruction_quality"))
-    parser.add_argument("--data-root", type=Path, default=Path("data/world/tiny"))
+    parser.add_argument("--world", default="tiny",
+                        help="the world (configs/world/<name>.yaml), generated when absent; its training preset "
+                             "(configs/train/<name>.yaml) trains the decoding models")
+    parser.add_argument("--data-root", type=Path, default=None, help="default: data/world/<world>")
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="mindeye-train overrides for every decoding model, e.g. train.mixed_precision=bf16")
     parser.add_argument("--runs", type=Path, default=Path("runs/bench/reconstruction_quality_small"),
                         help="where the models are trained (reused when there)")
     parser.add_argument("--model", default="small",
@@ -125,16 +131,18 @@ def main() -> None:
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
     print("command:", command, flush=True)
 
+    args.data_root = args.data_root or Path("data/world") / args.world
     root = args.data_root.resolve()
-    generate_world(load_config("world_generate").world, root, progress=False)  # reused when there
+    generate_world(load_config("world_generate", [f"world={args.world}"]).world, root, progress=False)  # or reused
+    common = [f"train={args.world}", *args.override]
     runs = args.runs.resolve()
     checkpoints = {}
     if 1 in args.subjects:
-        checkpoints[1] = args.checkpoint_subj1 or subject1_checkpoint(root, runs, args.model, print)
+        checkpoints[1] = args.checkpoint_subj1 or subject1_checkpoint(root, runs, args.model, common, print)
     if 8 in args.subjects:
         checkpoints[8] = args.checkpoint_subj8 or subject8_checkpoint(
             root, runs, args.model, args.pretrain_epochs, args.subject_epochs, args.subject8_sessions,
-            args.subject8_recipe, print)
+            args.subject8_recipe, common, print)
     data_cfg = load_config("evaluate", [f"data.root={root}"]).data
     clip_id = clip_identity(target_clip_config(data_cfg))
     generations, folders = {}, {}
@@ -221,10 +229,11 @@ def write_outputs(args, command: str, rows: dict, columns: dict, versus: dict, i
     md, js = args.out / "table.md", args.out / "table.json"
     write_table(rows, md, js, columns=COLUMNS)
     (args.out / "versus_low_level.json").write_text(json.dumps(versus, indent=2) + "\n")
-    trained = {1: " ".join(subject1_overrides(args.model)) if args.checkpoint_subj1 is None else "given",
+    common = " ".join([f"train={args.world}", *args.override])
+    trained = {1: f"{' '.join(subject1_overrides(args.model))} {common}" if args.checkpoint_subj1 is None else "given",
                8: (f"model={args.model}, pretrained on subjects 1-7, {args.pretrain_epochs} epochs, lr 1e-3; "
                    f"fine-tuned on session(s) {args.subject8_sessions}, {args.subject_epochs} epochs"
-                   f"{', ' + ' '.join(args.subject8_recipe) if args.subject8_recipe else ''}")
+                   f"{', ' + ' '.join(args.subject8_recipe) if args.subject8_recipe else ''}; {common}")
                if args.checkpoint_subj8 is None
                else "given"}
     first = next(iter(generations.values()))

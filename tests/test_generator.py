@@ -371,6 +371,22 @@ def test_clip_identity_names_one_encoder_and_only_that_one():
     assert clip_identity(reseeded) != clip_identity(tiny)
 
 
+@pytest.mark.parametrize("generator, world", [("tiny", "tiny"), ("small", "small"), ("small_32px", "small")])
+def test_each_world_generator_draws_an_image_from_its_worlds_tokens(generator, world):
+    from mindeye.clip import build_clip_embedder
+
+    cfg = load_config("train_generator", [f"world={world}", f"generator={generator}"])
+    embedder = build_clip_embedder(cfg.world.clip)
+    pipe = build_pipeline(cfg.generator, clip_id=clip_identity(cfg.world.clip), clip_tokens=embedder.n_tokens)
+    images = torch.rand(2, 3, cfg.world.image_size, cfg.world.image_size)
+    with torch.no_grad():
+        tokens_bld = embedder(images)
+        out = pipe(tokens_bld, num_inference_steps=1, guidance_scale=3.0, generator=seeded(0), output_type="pt")
+    size = cfg.generator.unet.sample_size * (8 if cfg.generator.vae else 1)
+    assert tuple(out.images.shape) == (2, 3, size, size) and torch.isfinite(out.images).all()
+    assert pipe.unet.config.cross_attention_dim == tokens_bld.shape[-1]
+
+
 # --- mindeye-train-generator -------------------------------------------------------------------------------
 
 def train_overrides(out_dir, *extra: str) -> list[str]:
