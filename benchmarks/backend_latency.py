@@ -69,17 +69,19 @@ PAPER_SKIPPED = ("heads and model path: the backbone's token linear alone is 409
                  "took 3.3 s eager here): gpu_paper_size.py")
 
 
-def random_sources(size: Size, folder: Path) -> tuple[Path, Path]:
-    """A random-weight checkpoint (with a live-unit calibration) and a student-shaped generator, saved."""
+def random_sources(size: Size, folder: Path, device: str = "cpu") -> tuple[Path, Path]:
+    """A random-weight checkpoint (with a live-unit calibration) and a student-shaped generator, saved;
+    `device`: where the weights are initialised (a GPU draws a paper size's 4 B in seconds, a CPU in minutes)."""
     torch.manual_seed(0)
-    model = build_model(size.model, voxels_per_subject={SUBJECT: size.voxels}, **size.model_overrides).eval()
+    with torch.device(device):
+        model = build_model(size.model, voxels_per_subject={SUBJECT: size.voxels}, **size.model_overrides).eval()
     save_checkpoint(model, folder / "checkpoint")
     save_calibration(folder / "checkpoint", {SUBJECT: (np.zeros(size.voxels, np.float32),
                                                        np.ones(size.voxels, np.float32))},
                      units="percent_signal_change", estimator="random")
     cfg = generator_config(size.generator)
     cfg["unet"]["time_cond_proj_dim"] = 256  # a distilled student: guidance folded in, one UNet call a step
-    pipe = build_pipeline(cfg, clip_id="benchmark", clip_tokens=model.config.clip_tokens, sampler="lcm")
+    pipe = build_pipeline(cfg, clip_id="benchmark", clip_tokens=model.config.clip_tokens, sampler="lcm", device=device)
     pipe.save_pretrained(folder / "generator")
     return folder / "checkpoint", folder / "generator"
 
