@@ -6,9 +6,11 @@ once per fold. On each held-out fold (outputs averaged over an image's repeats),
 tokens: 2-way identification and cosine of the prior's tokens (DPM-Solver++, 15 steps, at each guidance
 scale), the quantity the generator's pictures follow (benchmarks/decoded_token_quality.py), with a ridge
 readout of the same backbone tokens as the bar; then the mean over folds. With --generator, the pictures too
-(offline_training.evaluate's code, the generator's default steps, blend 0.25): 2-way identification with the
-world's CLIP and a random AlexNet among each fold's images, the generated and blended pictures against the
-low-level image, pooled over folds with a 95 % bootstrap interval. Runs are cached under --runs.
+(offline_training.evaluate's code, the generator's default steps, blend 0.25), drawn from the prior's tokens
+and, as the bar for any better token source, from the ridge readout's: 2-way identification with the world's
+CLIP and a random AlexNet among each fold's images, the generated and blended pictures against the low-level
+image, pooled over folds with a 95 % bootstrap interval; --blends adds rows blended at other low-level weights
+(from the same generated pictures), to choose that weight without the test images. Runs are cached under --runs.
 
     .venv/bin/python benchmarks/finetune_recipe.py --generator weights/world-tiny/student \\
         --recipe "e60=train.epochs=60" --recipe "e60 prior frozen=train.epochs=60 freeze=[prior]"
@@ -32,13 +34,15 @@ from mindeye.config import load_config  # noqa: E402
 from mindeye.evaluation import (paired_difference, two_way_identification, world_feature_extractors,  # noqa: E402
                                 world_two_way_wins)
 from mindeye.generator import GenerationSettings, default_steps, load_pipeline  # noqa: E402
+from mindeye.generator.pipeline import blend_with_low_level, to_uint8  # noqa: E402
 from mindeye.models import load_checkpoint  # noqa: E402
 from mindeye.nsd import NSDLayout, StimulusBrick  # noqa: E402
 from mindeye.targets import build_target_cache, target_clip_config  # noqa: E402
 from offline_training.data import hold_out_fold, load_subject  # noqa: E402
 from offline_training.evaluate import Generation, evaluate_checkpoint, predict_test_set  # noqa: E402
 
-PICTURES = ("blurry", "generated", "blend")
+PICTURES = ("generated", "blend", "ridge: generated", "ridge: blend")  # each against "blurry", the low-level image
+RIDGE = "ridge from backbone"
 PRETRAINED = Path("runs/bench/reconstruction_quality_small/pretrain-subj1-7-e40/checkpoint")
 
 
@@ -61,8 +65,9 @@ def fine_tune(out_dir: Path, pretrained: Path, data_root: Path, overrides: list[
     return out_dir / "checkpoint"
 
 
-def fold_scores(checkpoint: Path, data, targets, cond_scales: list[float], seed: int) -> dict[str, tuple[float, float]]:
-    """{row: (2-way, cosine)} on the held-out fold `data.test_*`."""
+def fold_tokens(checkpoint: Path, data, targets, cond_scales: list[float], seed: int
+                ) -> tuple[dict[str, tuple[float, float]], np.ndarray]:
+    """({row: (2-way, cosine)} on the held-out fold `data.test_*`, the ridge readout's tokens (n, L, D) there)."""
     model = load_checkpoint(checkpoint).eval()
     held_out = predict_test_set(lambda voxels, name: model(voxels, name), data, 64)
     true = targets.get(held_out.image_ids)[0]
@@ -74,40 +79,55 @@ def fold_scores(checkpoint: Path, data, targets, cond_scales: list[float], seed:
                 generator=torch.Generator().manual_seed(seed)).numpy()
         train_backbone = model(torch.from_numpy(data.train_voxels), data.name).backbone_tokens.numpy()
     n_train = len(train_backbone)
-    rows["ridge from backbone"] = ridge_readout(
+    rows[RIDGE] = ridge_readout(
         train_backbone.reshape(n_train, -1), targets.get(data.train_image_ids)[0].reshape(n_train, -1),
-        held_out.backbone_tokens.reshape(len(true), -1), RIDGE_ALPHA)
+        held_out.backbone_tokens.reshape(len(true), -1), RIDGE_ALPHA).reshape(true.shape).astype(np.float32)
     flat_true = true.reshape(len(true), -1)
     return {label: (two_way_identification(tokens.reshape(len(tokens), -1), flat_true),
                     float(np.mean(np.sum(unit_rows(tokens) * unit_rows(true), axis=1))))
-            for label, tokens in rows.items()}
+            for label, tokens in rows.items()}, rows[RIDGE]
 
 
-def picture_wins(checkpoint: Path, data, targets, stimuli, world, generation: Generation
-                 ) -> dict[str, dict[str, np.ndarray]]:
-    """{picture kind: {network: 2-way wins per held-out image}} for the low-level, generated and blended pictures."""
+def blended(generated_nhwc: np.ndarray, blurry_nhwc: np.ndarray, weight: float) -> np.ndarray:
+    """uint8 pictures blended with the low-level images at `weight`, as the pipeline blends them."""
+    def unit(x):
+        return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
+    return to_uint8(blend_with_low_level(unit(generated_nhwc), unit(blurry_nhwc), weight))
+
+
+def picture_wins(checkpoint: Path, data, targets, stimuli, world, generation: Generation, ridge_nld: np.ndarray,
+                 blends: list[float]) -> dict[str, dict[str, np.ndarray]]:
+    """{picture kind: {network: 2-way wins per held-out image}} for the low-level image ("blurry") and the
+    generated and blended pictures from the prior's tokens and from the ridge readout's (`ridge_nld`), and
+    those blended at each weight in `blends` ("blend 0.5", "ridge: blend 0.5")."""
     _, images, outputs = evaluate_checkpoint(checkpoint, data, targets, targets.codec, stimuli,
                                              world_extractors=world, generation=generation)
     seen = stimuli[outputs.image_ids]
-    return {kind: world_two_way_wins(images[kind], seen, world) for kind in PICTURES}
+    from_ridge = generation.images(ridge_nld, images["blurry"], seen.shape[1])
+    images["ridge: generated"], images["ridge: blend"] = from_ridge.generated, from_ridge.images
+    for weight in blends:
+        for source in ("", "ridge: "):
+            images[f"{source}blend {weight:g}"] = blended(images[f"{source}generated"], images["blurry"], weight)
+    kinds = [*PICTURES, *(f"{source}blend {weight:g}" for source in ("", "ridge: ") for weight in blends)]
+    return {kind: world_two_way_wins(images[kind], seen, world) for kind in ("blurry", *kinds)}
 
 
 def print_pictures(name: str, per_fold: list[dict[str, dict[str, np.ndarray]]]) -> None:
     low = {network: np.concatenate([fold["blurry"][network] for fold in per_fold]) for network in per_fold[0]["blurry"]}
-    for kind in PICTURES[1:]:
+    for kind in [kind for kind in per_fold[0] if kind != "blurry"]:
         cells = []
         for network, low_n in low.items():
             wins_n = np.concatenate([fold[kind][network] for fold in per_fold])
             mean, lower, upper = paired_difference(wins_n, low_n)
             cells.append(f"{network} {wins_n.mean():6.1%} vs {low_n.mean():6.1%}: {mean * 100:+.1f} "
                          f"[{lower * 100:+.1f}, {upper * 100:+.1f}]")
-        print(f"{name:28s} {kind:10s} " + "   ".join(cells), flush=True)
+        print(f"{name:28s} {kind:16s} " + "   ".join(cells), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", type=Path, default=PRETRAINED,
-                        help="the pretraining run's checkpoint folder (default: the one reconstruction_quality.py trains)")
+                        help="the pretraining run's checkpoint folder (default: reconstruction_quality.py's)")
     parser.add_argument("--recipe", type=parse_recipe, action="append", required=True,
                         help='"NAME=mindeye-train overrides" (space-separated)')
     parser.add_argument("--data-root", type=Path, default=Path("data/world/tiny"))
@@ -120,6 +140,8 @@ def main() -> None:
                         help="a generator folder: score pictures too (the prior guided at the last --cond-scales)")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="the generator's")
     parser.add_argument("--seed", type=int, default=0, help="the prior's and the generator's noise")
+    parser.add_argument("--blends", type=float, nargs="*", default=[],
+                        help="other low-level blend weights to score (the pipeline's default: 0.25)")
     args = parser.parse_args()
     if not (args.pretrained / "config.json").is_file():
         parser.error(f"no checkpoint in {args.pretrained}: run benchmarks/reconstruction_quality.py (it trains "
@@ -149,9 +171,11 @@ def main() -> None:
             checkpoint = fine_tune(out_dir, args.pretrained.resolve(), data_root, overrides, fold, args.folds,
                                    args.subject, args.sessions)
             held_out = hold_out_fold(subject_data, args.folds, fold)
-            per_fold.append(fold_scores(checkpoint, held_out, targets, args.cond_scales, args.seed))
+            scores, ridge_nld = fold_tokens(checkpoint, held_out, targets, args.cond_scales, args.seed)
+            per_fold.append(scores)
             if generation is not None:
-                pictures[name].append(picture_wins(checkpoint, held_out, targets, stimuli, world, generation))
+                pictures[name].append(picture_wins(checkpoint, held_out, targets, stimuli, world, generation,
+                                                   ridge_nld, args.blends))
         for row in per_fold[0]:
             two_way = [scores[row][0] for scores in per_fold]
             cosine = np.mean([scores[row][1] for scores in per_fold])
@@ -159,8 +183,9 @@ def main() -> None:
                   f"{' '.join(f'{v:.0%}' for v in two_way)}", flush=True)
     if generation is not None:
         print(f"\n# pictures ({args.generator}, {generation.settings.steps} steps, guidance {args.guidance_scale:g}; "
-              f"prior guided at {generation.prior_cond_scale:g}): 2-way on the held-out images pooled over folds, "
-              f"against the low-level image, points with a 95 % bootstrap interval")
+              f"prior guided at {generation.prior_cond_scale:g}; \"ridge:\" from the ridge readout's tokens): 2-way "
+              f"on the held-out images pooled over folds, against the low-level image, points with a 95 % "
+              f"bootstrap interval")
         for name, per_fold in pictures.items():
             print_pictures(name, per_fold)
 

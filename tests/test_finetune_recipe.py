@@ -28,7 +28,7 @@ def test_each_fold_trains_without_its_images_is_scored_on_them_and_is_reused(tin
     monkeypatch.setattr(sys, "argv", [
         "finetune_recipe.py", "--pretrained", str(checkpoint), "--data-root", str(root), "--runs",
         str(tmp_path / "runs"), "--folds", "2", "--cond-scales", "1", "3", "--generator", str(tmp_path / "generator"),
-        "--recipe", "prior frozen=train.epochs=2 freeze=[prior]"])
+        "--recipe", "prior frozen=train.epochs=2 freeze=[prior]", "--blends", "0.5"])
     recipe.main()
     out = capsys.readouterr().out
 
@@ -45,10 +45,27 @@ def test_each_fold_trains_without_its_images_is_scored_on_them_and_is_reused(tin
         scores = re.search(r" (\d+\.\d)%\s+(-?\d\.\d{3})\s+(\d+)% (\d+)%$", line)  # 2-way, cosine, per fold
         assert scores and 0 <= float(scores[1]) <= 100 and -1 <= float(scores[2]) <= 1
         assert float(scores[1]) == pytest.approx((float(scores[3]) + float(scores[4])) / 2, abs=1)
-    for kind in ("generated", "blend"):
-        line = next(line for line in out.splitlines() if line.startswith(f"prior frozen                 {kind}"))
+    for kind in ("generated", "blend", "ridge: generated", "ridge: blend", "blend 0.5", "ridge: blend 0.5"):
+        line = next(line for line in out.splitlines() if line.startswith(f"{'prior frozen':28s} {kind:16s} "))
         assert line.count("vs") == 2 and line.count("[") == 2  # both networks against the low-level image
 
     monkeypatch.setattr(recipe.subprocess, "run", lambda *a, **k: pytest.fail("a finished fold was trained again"))
     recipe.main()
     assert capsys.readouterr().out.splitlines()[3:] == out.splitlines()[3:]  # the same figures from the cached runs
+
+
+def test_reblending_saved_pictures_matches_the_pipelines_blend_to_one_grey_level(monkeypatch):
+    import torch
+
+    from mindeye.generator import blend_with_low_level, to_uint8
+
+    recipe = load_benchmark(monkeypatch, "finetune_recipe")
+    rng = np.random.default_rng(0)
+    generated_b3hw = torch.from_numpy(rng.random((3, 3, 16, 16), dtype=np.float32))
+    blurry_nhwc = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    blurry_b3hw = torch.from_numpy(blurry_nhwc).permute(0, 3, 1, 2).float() / 255.0
+    for weight in (0.25, 0.5):
+        in_pipeline = to_uint8(blend_with_low_level(generated_b3hw, blurry_b3hw, weight)).astype(int)
+        from_saved = recipe.blended(to_uint8(generated_b3hw), blurry_nhwc, weight).astype(int)
+        assert from_saved.shape == (3, 16, 16, 3) and np.abs(from_saved - in_pipeline).max() <= 1
+        assert np.abs(from_saved - to_uint8(generated_b3hw).astype(int)).mean() > 10  # the weight is applied
