@@ -33,8 +33,7 @@ from mindeye.clip import clip_identity  # noqa: E402
 from mindeye.config import load_config  # noqa: E402
 from mindeye.evaluation import (paired_difference, two_way_identification, world_feature_extractors,  # noqa: E402
                                 world_two_way_wins)
-from mindeye.generator import GenerationSettings, default_steps, load_pipeline  # noqa: E402
-from mindeye.generator.pipeline import blend_with_low_level, to_uint8  # noqa: E402
+from mindeye.generator import GenerationSettings, blend_images, default_steps, load_pipeline  # noqa: E402
 from mindeye.models import load_checkpoint  # noqa: E402
 from mindeye.nsd import NSDLayout, StimulusBrick  # noqa: E402
 from mindeye.targets import build_target_cache, target_clip_config  # noqa: E402
@@ -88,13 +87,6 @@ def fold_tokens(checkpoint: Path, data, targets, cond_scales: list[float], seed:
             for label, tokens in rows.items()}, rows[RIDGE]
 
 
-def blended(generated_nhwc: np.ndarray, blurry_nhwc: np.ndarray, weight: float) -> np.ndarray:
-    """uint8 pictures blended with the low-level images at `weight`, as the pipeline blends them."""
-    def unit(x):
-        return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
-    return to_uint8(blend_with_low_level(unit(generated_nhwc), unit(blurry_nhwc), weight))
-
-
 def picture_wins(checkpoint: Path, data, targets, stimuli, world, generation: Generation, ridge_nld: np.ndarray,
                  blends: list[float]) -> dict[str, dict[str, np.ndarray]]:
     """{picture kind: {network: 2-way wins per held-out image}} for the low-level image ("blurry") and the
@@ -105,11 +97,12 @@ def picture_wins(checkpoint: Path, data, targets, stimuli, world, generation: Ge
     seen = stimuli[outputs.image_ids]
     from_ridge = generation.images(ridge_nld, images["blurry"], seen.shape[1])
     images["ridge: generated"], images["ridge: blend"] = from_ridge.generated, from_ridge.images
-    for weight in blends:
-        for source in ("", "ridge: "):
-            images[f"{source}blend {weight:g}"] = blended(images[f"{source}generated"], images["blurry"], weight)
-    kinds = [*PICTURES, *(f"{source}blend {weight:g}" for source in ("", "ridge: ") for weight in blends)]
-    return {kind: world_two_way_wins(images[kind], seen, world) for kind in ("blurry", *kinds)}
+    kinds = ["blurry", *PICTURES]
+    for source in ("", "ridge: "):
+        for weight in blends:
+            kinds.append(f"{source}blend {weight:g}")
+            images[kinds[-1]] = blend_images(images[f"{source}generated"], images["blurry"], weight)
+    return {kind: world_two_way_wins(images[kind], seen, world) for kind in kinds}
 
 
 def print_pictures(name: str, per_fold: list[dict[str, dict[str, np.ndarray]]]) -> None:

@@ -141,5 +141,6 @@ def main() -> None:
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 
+
 if __name__ == "__main__":
     main()

@@ -17,8 +17,8 @@ from mindeye.config import CONFIG_DIR
 from mindeye.errors import FormatError, MissingFileError
 from mindeye.generator.pipeline import (GenerationSettings, MindEyeUnCLIPPipeline, UnCLIPOutput, blend_with_low_level,
                                        to_uint8)
-from mindeye.generator.reconstruct import (EncoderMismatch, Refinement, default_steps, reconstruct, refine,
-                                          require_encoder)
+from mindeye.generator.reconstruct import (EncoderMismatch, Refinement, blend_images, default_steps, reconstruct,
+                                          refine, require_encoder)
 from mindeye.generator.schedulers import SAMPLERS, make_scheduler, sampler_name
 from mindeye.generator.token_map import TokenMap  # imported here too: from_pretrained finds the class in sys.modules
 from mindeye.generator.unet import build_unet, count_parameters, micro_conditioning_ids
@@ -26,7 +26,7 @@ from mindeye.generator.unet import build_unet, count_parameters, micro_condition
 GENERATOR_CONFIG_DIR = CONFIG_DIR / "generator"
 
 __all__ = ["SAMPLERS", "EncoderMismatch", "GenerationSettings", "MindEyeUnCLIPPipeline", "Refinement", "TokenMap",
-           "UnCLIPOutput", "blend_with_low_level", "build_pipeline", "build_unet", "count_parameters", "default_steps",
+           "UnCLIPOutput", "blend_images", "blend_with_low_level", "build_pipeline", "build_unet", "count_parameters", "default_steps",
            "generator_config", "load_pipeline", "make_scheduler", "micro_conditioning_ids", "reconstruct", "refine",
            "require_encoder", "sampler_name", "to_uint8"]
 

@@ -101,6 +101,12 @@ def refine(refinement: Refinement, image_tokens_nld: np.ndarray | torch.Tensor, 
     return np.concatenate(refined)
 
 
+def blend_images(images_nhwc: np.ndarray, low_level_nhwc: np.ndarray, weight: float) -> np.ndarray:
+    """Finished uint8 pictures (N, S, S, 3) blended with low-level images at `weight` afterwards, as `reconstruct`
+    blends them inside (to one grey level): other weights scored without generating again."""
+    return to_uint8(blend_with_low_level(_unit_nchw(images_nhwc), _unit_nchw(low_level_nhwc), weight))
+
+
 def _unit_nchw(images_nhwc: np.ndarray) -> torch.Tensor:
     """uint8 or [0, 1] float (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
     x = torch.as_tensor(np.asarray(images_nhwc)).permute(0, 3, 1, 2)
