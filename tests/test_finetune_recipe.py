@@ -52,19 +52,3 @@ def test_each_fold_trains_without_its_images_is_scored_on_them_and_is_reused(tin
     monkeypatch.setattr(recipe.subprocess, "run", lambda *a, **k: pytest.fail("a finished fold was trained again"))
     recipe.main()
     assert capsys.readouterr().out.splitlines()[3:] == out.splitlines()[3:]  # the same figures from the cached runs
-
-
-def test_reblending_saved_pictures_matches_the_pipelines_blend_to_one_grey_level():
-    import torch
-
-    from mindeye.generator import blend_images, blend_with_low_level, to_uint8
-
-    rng = np.random.default_rng(0)
-    generated_b3hw = torch.from_numpy(rng.random((3, 3, 16, 16), dtype=np.float32))
-    blurry_nhwc = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    blurry_b3hw = torch.from_numpy(blurry_nhwc).permute(0, 3, 1, 2).float() / 255.0
-    for weight in (0.25, 0.5):
-        in_pipeline = to_uint8(blend_with_low_level(generated_b3hw, blurry_b3hw, weight)).astype(int)
-        from_saved = blend_images(to_uint8(generated_b3hw), blurry_nhwc, weight).astype(int)
-        assert from_saved.shape == (3, 16, 16, 3) and np.abs(from_saved - in_pipeline).max() <= 1
-        assert np.abs(from_saved - to_uint8(generated_b3hw).astype(int)).mean() > 10  # the weight is applied

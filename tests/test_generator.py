@@ -23,12 +23,15 @@ from mindeye.generator import (
     SAMPLERS,
     MindEyeUnCLIPPipeline,
     TokenMap,
+    blend_images,
+    blend_with_low_level,
     build_pipeline,
     build_unet,
     load_pipeline,
     make_scheduler,
     micro_conditioning_ids,
     sampler_name,
+    to_uint8,
 )
 from mindeye.generator.pipeline import guidance_embedding
 from offline_training.train_generator import diffusion_loss
@@ -292,6 +295,18 @@ def test_lowlevel_blend_mixes_the_generated_images_with_the_resized_low_level_im
     assert out.images.shape == out.generated.shape == (B, 16, 16, 3)
     expected = np.round(((1 - w) * out.generated / 255.0 + w * colour.view(3).numpy()) * 255)
     assert np.abs(out.images.astype(int) - expected).max() <= 1
+
+
+def test_reblending_saved_pictures_matches_the_pipelines_blend_to_one_grey_level():
+    rng = np.random.default_rng(0)
+    generated_b3hw = torch.from_numpy(rng.random((3, 3, 16, 16), dtype=np.float32))
+    blurry_nhwc = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    blurry_b3hw = torch.from_numpy(blurry_nhwc).permute(0, 3, 1, 2).float() / 255.0
+    for weight in (0.25, 0.5):
+        in_pipeline = to_uint8(blend_with_low_level(generated_b3hw, blurry_b3hw, weight)).astype(int)
+        from_saved = blend_images(to_uint8(generated_b3hw), blurry_nhwc, weight).astype(int)
+        assert from_saved.shape == (3, 16, 16, 3) and np.abs(from_saved - in_pipeline).max() <= 1
+        assert np.abs(from_saved - to_uint8(generated_b3hw).astype(int)).mean() > 10  # the weight is applied
 
 
 def test_output_size_resizes_the_images(pipe):

@@ -26,9 +26,9 @@ from mindeye.generator.unet import build_unet, count_parameters, micro_condition
 GENERATOR_CONFIG_DIR = CONFIG_DIR / "generator"
 
 __all__ = ["SAMPLERS", "EncoderMismatch", "GenerationSettings", "MindEyeUnCLIPPipeline", "Refinement", "TokenMap",
-           "UnCLIPOutput", "blend_images", "blend_with_low_level", "build_pipeline", "build_unet", "count_parameters", "default_steps",
-           "generator_config", "load_pipeline", "make_scheduler", "micro_conditioning_ids", "reconstruct", "refine",
-           "require_encoder", "sampler_name", "to_uint8"]
+           "UnCLIPOutput", "blend_images", "blend_with_low_level", "build_pipeline", "build_unet",
+           "count_parameters", "default_steps", "generator_config", "load_pipeline", "make_scheduler",
+           "micro_conditioning_ids", "reconstruct", "refine", "require_encoder", "sampler_name", "to_uint8"]
 
 
 def generator_config(config: str | Path | Mapping[str, Any] | DictConfig) -> dict[str, Any]:
