@@ -28,6 +28,7 @@ import torch
 from mindeye.config import load_config
 from mindeye.evaluation import two_way_identification
 from mindeye.models import load_checkpoint
+from mindeye.models.readout import fit_token_readout
 from mindeye.targets import build_target_cache
 from offline_training.data import load_subject
 from offline_training.evaluate import predict_test_set
@@ -41,11 +42,11 @@ def unit_rows(tokens: np.ndarray) -> np.ndarray:
 
 
 def ridge_readout(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, alpha: float) -> np.ndarray:
-    """Ridge from z-scored features (n, p) to targets (n, q), applied to test_x."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    z = (train_x - mean) / std
-    weights = np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ (train_y - train_y.mean(0)))
-    return ((test_x - mean) / std) @ weights + train_y.mean(0)
+    """mindeye.models.readout's ridge at one alpha (before its norm matching), from z-scored features (n, p) to
+    targets (n, q), on test_x."""
+    readout, _ = fit_token_readout(torch.from_numpy(train_x), torch.from_numpy(train_y), [alpha])
+    with torch.no_grad():
+        return readout.ridge(torch.from_numpy(test_x)).numpy()
 
 
 def parse_checkpoint(text: str) -> tuple[int, Path, list[int]]:

@@ -7,7 +7,9 @@ world's 150 with --world small (NSD's session structure: 750 trials a session). 
 - true tokens: the images' own CLIP tokens (the world's encoder) -> generator (target: 2-way >= 95 %);
 - brain-decoded: a subject's test-set outputs averaged over each image's repeats, the diffusion prior's
   image tokens sampled from the backbone tokens (dpmpp, 15 steps) -> generator; alone, and blended 0.25
-  with the low-level head's blurry image (MindEye2's final images); the blurry images alone too.
+  with the low-level head's blurry image (MindEye2's final images); the blurry images alone too. With
+  --tokens readout, rows from the subject's ridge readout of the backbone tokens as well (fitted by
+  mindeye-train on its training trials, mindeye.models.readout).
   Decoding models: `--model` (configs/model/small by default). Subject 1: from scratch on sessions 1-4,
   100 epochs, lr 1e-3. Subject 8: pretrained on subjects 1-7 (40 epochs, lr 1e-3: at the default 3e-4
   and 20 epochs the prior's test loss stalls at 0.37 and its tokens lose identity), fine-tuned on its
@@ -29,6 +31,7 @@ blend), and prints the table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -117,6 +120,9 @@ def main() -> None:
     parser.add_argument("--img2img-strengths", type=float, nargs="+", default=[1.0],
                         help="where each generator starts: 1.0 from pure noise; below 1, that much of its schedule "
                              "from the low-level image (MindEye1's img2img start); one row per value")
+    parser.add_argument("--tokens", nargs="+", default=["prior"], choices=["prior", "readout"],
+                        help="the generator's image tokens: the prior's samples, and/or the subject's ridge readout of "
+                             "the backbone tokens (saved in its checkpoint by mindeye-train); one row per value")
     parser.add_argument("--subjects", type=int, nargs="+", default=[1, 8], choices=[1, 8])
     parser.add_argument("--prior-steps", type=int, default=15)
     parser.add_argument("--prior-sampler", default="dpmpp")
@@ -150,12 +156,13 @@ def main() -> None:
                                 ("student", args.student, args.student_steps)):
         if folder is not None:
             pipe = load_pipeline(folder, clip_id=clip_id)  # refuses a generator of another encoder
-            for strength in args.img2img_strengths:
+            for strength, tokens in itertools.product(args.img2img_strengths, args.tokens):
                 settings = GenerationSettings(steps=steps or default_steps(pipe), guidance_scale=args.guidance_scale,
                                               lowlevel_blend=args.lowlevel_blend, img2img_strength=strength)
-                label = f"{role} ({settings.steps} steps{f', from low-level {strength:g}' if strength < 1 else ''})"
+                label = (f"{role} ({settings.steps} steps{f', from low-level {strength:g}' if strength < 1 else ''}"
+                         f"{', readout tokens' if tokens == 'readout' else ''})")
                 generations[label] = Generation(pipe, settings, args.prior_steps, args.prior_sampler, args.seed,
-                                                args.prior_cond_scale)
+                                                args.prior_cond_scale, tokens=tokens)
                 folders[label] = folder
     targets = build_target_cache(data_cfg)
     world = world_feature_extractors(targets.embedder)
@@ -176,8 +183,8 @@ def main() -> None:
             if image_ids is None:  # the generators' ceiling: the same images' true tokens
                 image_ids, seen = outputs.image_ids, stimuli[outputs.image_ids]
                 for true_label, true_generation in generations.items():
-                    if true_generation.settings.img2img_strength < 1:
-                        continue  # no low-level image to start from: the same as from noise
+                    if true_generation.settings.img2img_strength < 1 or true_generation.tokens != "prior":
+                        continue  # no low-level image to start from, no decoded tokens: rows alike
                     print(f"true tokens, {true_label}", flush=True)
                     made = true_generation.images(targets.get(image_ids)[0], None, seen.shape[1]).generated
                     rows[f"true tokens, {true_label}"] = evaluate_reconstructions(made, seen, world_extractors=world)

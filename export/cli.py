@@ -42,6 +42,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, clip_id: str, gene
     from mindeye.generator import load_pipeline, sampler_name
     from mindeye.models import calibration_units, load_calibration, load_checkpoint
     from mindeye.models.checkpoint import CALIBRATION_FILE
+    from mindeye.models.readout import READOUT_FILE, load_readouts
 
     if backend not in BACKENDS:
         raise ConfigValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -55,13 +56,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, clip_id: str, gene
                                f"mindeye-calibrate checkpoint={checkpoint} session=N")
     model = load_checkpoint(checkpoint)
     calibration = load_calibration(checkpoint)
+    readouts = load_readouts(checkpoint)
     subjects = _subjects(subjects, list(model.config.voxels_per_subject), list(calibration))
     pipe = load_pipeline(generator, clip_id=clip_id) if generator is not None else None
     _clear(out, overwrite)
 
     try:  # a folder without its manifest is no bundle: remove what a failed export wrote
         (out / CHECKPOINT_DIR).mkdir(parents=True)
-        for name in CHECKPOINT_FILES:
+        for name in CHECKPOINT_FILES + ((READOUT_FILE,) if readouts else ()):
             shutil.copy2(checkpoint / name, out / CHECKPOINT_DIR / name)
         modules = model_graphs(model, subjects)
         if pipe is not None:
@@ -90,6 +92,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, clip_id: str, gene
                             "units": units, "estimator": estimator,
                             "applied": "voxels_bv = (betas_bv - mean_v) / std_v, per subject, before its heads graph",
                             "statistics": {s: _summary(*calibration[s]) for s in subjects}},
+            "readouts": None if not readouts else {
+                "file": f"{CHECKPOINT_DIR}/{READOUT_FILE}", "sha256": sha256_file(out / CHECKPOINT_DIR / READOUT_FILE),
+                "alphas": {s: readout.alpha for s, readout in readouts.items()},
+                "trials": {s: readout.n_trials for s, readout in readouts.items()},
+                "applied": "image_tokens = readout(backbone tokens), with generate.tokens=readout (in torch)"},
             "clip": {"identity": clip_id, "tokens": model.config.clip_tokens, "dim": model.config.clip_dim},
             "prior": {"timesteps": model.config.prior.timesteps, "prediction": "x_start",
                       "samplers": "runtime choice (mindeye.models.prior.PRIOR_SAMPLERS)"},

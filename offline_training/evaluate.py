@@ -87,6 +87,7 @@ class Generation:
     seed: int = 0
     prior_cond_scale: float = 1.0  # the prior's classifier-free guidance (uncond: its learned null brain tokens)
     refinement: Refinement | None = None  # MindEye2's optional img2img refinement, rows "<name> (refined)"
+    tokens: str = "prior"  # the generator's image tokens: the prior's samples, or the subject's linear readout's
 
     def images(self, image_tokens_nld: np.ndarray, blurry: np.ndarray | None, size: int) -> UnCLIPOutput:
         """`reconstruct`'s output (.generated, .images blended with `blurry`) at size x size pixels."""
@@ -94,6 +95,17 @@ class Generation:
 
         return reconstruct(self.pipe, image_tokens_nld, low_level_nhwc=blurry, settings=self.settings, seed=self.seed,
                            output_size=size)
+
+    def image_tokens(self, model: MindEye2, checkpoint: Path, subject: str, backbone_nld: np.ndarray) -> np.ndarray:
+        """What the generator draws from backbone tokens: `sample_tokens`, or the readout saved in `checkpoint`."""
+        if self.tokens == "prior":
+            return self.sample_tokens(model, backbone_nld)
+        import torch
+
+        from mindeye.models.readout import require_readout
+
+        with torch.no_grad():
+            return require_readout(checkpoint, subject)(torch.from_numpy(backbone_nld)).numpy()
 
     def sample_tokens(self, model: MindEye2, backbone_nld: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Image tokens the prior samples from backbone tokens, noise drawn batch after batch from `seed`."""
@@ -117,9 +129,11 @@ def load_generation(cfg: DictConfig, data_cfg: DictConfig) -> Generation | None:
     from mindeye.clip import clip_identity
     from mindeye.generator import GenerationSettings, Refinement, default_steps, load_pipeline
     from mindeye.models.prior import check_sampler
+    from mindeye.models.readout import check_token_source
     from mindeye.targets import target_clip_config
 
     check_sampler(cfg.prior_sampler, "generator.prior_sampler")
+    check_token_source(cfg.tokens, "generator.tokens")
     encoder = clip_identity(target_clip_config(data_cfg))
     pipe = load_pipeline(cfg.path, clip_id=encoder)
     base = None if cfg.refine.path is None else load_pipeline(cfg.refine.path, clip_id=encoder)
@@ -131,7 +145,7 @@ def load_generation(cfg: DictConfig, data_cfg: DictConfig) -> Generation | None:
                                                          float(cfg.refine.guidance_scale), float(cfg.lowlevel_blend),
                                                          float(cfg.refine.strength)))
     return Generation(pipe, settings, int(cfg.prior_steps), str(cfg.prior_sampler), int(cfg.seed),
-                      float(cfg.prior_cond_scale), refinement)
+                      float(cfg.prior_cond_scale), refinement, str(cfg.tokens))
 
 
 def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, stimuli: StimulusBrick, *,
@@ -156,7 +170,7 @@ def evaluate_checkpoint(checkpoint: Path, data: SubjectData, targets, codec, sti
         blurry = codec.decode(torch.from_numpy(outputs.low_level), image_size=seen.shape[1])
         images["blurry"] = (blurry.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     if generation is not None:
-        tokens = generation.sample_tokens(model, outputs.backbone_tokens)
+        tokens = generation.image_tokens(model, checkpoint, data.name, outputs.backbone_tokens)
         made = generation.images(tokens, images.get("blurry"), seen.shape[1])
         images["generated"] = made.generated
         if "blurry" in images:

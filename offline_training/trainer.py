@@ -12,7 +12,8 @@ global means. A P-process run thus follows the one-process run with the same glo
 rounding; only dropout draws from each process's own generator.
 
 out_dir receives: checkpoint/ (mindeye.models.load_checkpoint reads it; calibration.safetensors beside the
-weights holds each subject's z-score statistics as `subjXX.mean` / `subjXX.std`), train_state/ (optimizer,
+weights holds each subject's z-score statistics as `subjXX.mean` / `subjXX.std`, readout.safetensors the token
+readouts fitted when the run ends, mindeye.models.readout), train_state/ (optimizer,
 scheduler, RNG and progress, for resume=true), run_config.yaml, log.jsonl (one line per epoch), training.png.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ from mindeye.errors import ConfigValueError, MissingFileError, OutDirInUse
 from mindeye.metrics import retrieval_top1
 from mindeye.models import MindEye2, build_model, count_parameters, load_checkpoint, save_calibration, save_checkpoint
 from mindeye.models.prior import check_sampler, draw_noise
+from mindeye.models.readout import TokenReadout, fit_token_readout, save_readouts
 from mindeye.targets import TargetRows, build_target_cache
 from offline_training.data import SubjectData, betas_units, hold_out_fold, load_subject
 from offline_training.evaluate import predict_test_set
@@ -435,15 +438,41 @@ def full_model(accelerator: Accelerator, wrapped: nn.Module) -> MindEye2 | None:
 
 
 def save_model(accelerator: Accelerator, wrapped: nn.Module, out_dir: Path, subjects: list[SubjectData],
-               extra: dict[str, Any], units: tuple[str, str]) -> None:
-    """checkpoint/: the model (config.json + model.safetensors) and the subjects' calibration statistics,
-    with `units` = (units, estimator) of the betas they describe (offline_training.data.betas_units)."""
+               extra: dict[str, Any], units: tuple[str, str], readouts: Callable[[MindEye2], dict] | None) -> None:
+    """checkpoint/: the model (config.json + model.safetensors), the subjects' calibration statistics, with
+    `units` = (units, estimator) of the betas they describe (offline_training.data.betas_units), and the token
+    readouts `readouts` fits on the saved model (None: the checkpoint has none, as mid-run ones)."""
     model = full_model(accelerator, wrapped)
     if accelerator.is_main_process:
-        path = save_checkpoint(merge_adapters(model), out_dir / CHECKPOINT_DIR, extra=extra)
+        model = merge_adapters(model)
+        path = save_checkpoint(model, out_dir / CHECKPOINT_DIR, extra=extra)
         save_calibration(path, {s.name: (s.zscore_mean, s.zscore_std) for s in subjects}, units=units[0],
                          estimator=units[1])
+        save_readouts(path, readouts(model) if readouts is not None else {})
     accelerator.wait_for_everyone()
+
+
+def fit_readouts(model: MindEye2, subjects: list[SubjectData], targets: TargetTable, readout_cfg: DictConfig,
+                 batch_size: int = 256) -> dict[str, TokenReadout]:
+    """Each subject's token readout (mindeye.models.readout) on its training trials, for the subjects with at
+    most readout.max_trials of them (its kernel is trials x trials): the one-session subject a run fine-tunes."""
+    fitted, was_training = {}, model.training
+    device = next(model.parameters()).device
+    model.eval()
+    for data in subjects:
+        n = len(data.train_voxels)
+        if n > readout_cfg.max_trials:
+            continue
+        with torch.no_grad():
+            backbone_nld = torch.cat([model(torch.from_numpy(data.train_voxels[start:start + batch_size]).to(device),
+                                            data.name).backbone_tokens.float().cpu()
+                                      for start in range(0, n, batch_size)])
+        fitted[data.name], loo_errors = fit_token_readout(backbone_nld, targets.get(data.train_image_ids)[0],
+                                                          list(readout_cfg.alphas))
+        logger.info("%s: token readout on %d trials, alpha %g (leave-one-out squared error %s)", data.name, n,
+                    fitted[data.name].alpha, ", ".join(f"{a:g}: {e:.4g}" for a, e in loo_errors.items()))
+    model.train(was_training)
+    return fitted
 
 
 def save_train_state(accelerator: Accelerator, out_dir: Path, progress: dict[str, Any]) -> None:
@@ -614,8 +643,11 @@ def train(cfg: DictConfig) -> Path:
         accelerator.print(_summary(record))
         stop = cfg.train.stop_after_epoch is not None and epoch + 1 >= cfg.train.stop_after_epoch
         if last or stop or (epoch + 1) % cfg.train.checkpoint_every == 0:
+            readouts = ((lambda model: fit_readouts(model, subjects, targets, cfg.readout))
+                        if last or stop else None)  # fitted once, on the weights a run ends with
             save_model(accelerator, wrapped, out_dir, subjects,
-                       extra={"mode": cfg.mode, "epochs_done": epoch + 1, "run": resolved}, units=betas_units(cfg.data))
+                       extra={"mode": cfg.mode, "epochs_done": epoch + 1, "run": resolved}, units=betas_units(cfg.data),
+                       readouts=readouts)
             save_train_state(accelerator, out_dir, progress)
         if accelerator.is_main_process:
             write_log(out_dir, progress["log"])

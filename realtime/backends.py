@@ -36,6 +36,7 @@ from mindeye.models import (MindEye2, MindEyeConfig, calibration_units, load_cal
                             read_checkpoint_config)
 from mindeye.models.checkpoint import CALIBRATION_FILE, NULL_BRAIN_TOKENS, WEIGHTS_FILE
 from mindeye.models.prior import check_sampler
+from mindeye.models.readout import READOUT_FILE, TokenReadout, check_token_source, load_readouts
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 
 
@@ -43,7 +44,8 @@ from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 class DecodedBatch:
     embedding_norm_b: np.ndarray  # float32 (B,): L2 norm of the predicted image embedding (see TorchBackend)
     top_k: list[list[tuple[int, float]]]  # per trial: (image id, cosine score), best first; [] without a bank
-    image_tokens_bld: np.ndarray | None  # float32 (B, L, D) prior-sampled CLIP image tokens; None if prior_steps == 0
+    image_tokens_bld: np.ndarray | None  # float32 (B, L, D) CLIP image tokens, the prior's or the readouts';
+                                         # None if prior_steps == 0 and no readouts
     lowlevel_bhw3: np.ndarray | None  # uint8 (B, H, W, 3) blurry images; None without low-level head or codec
     decode_ms: float  # wall time: z-scoring, aligner, backbone, heads, prior, retrieval
     generate_ms: float  # wall time: low-level latents -> pixels, and the reconstructions
@@ -125,12 +127,14 @@ class ModelBackend:
     retrieval bank, decodes the low-level latent with `codec` and, with a `generator` (a mindeye.generator
     pipeline, on the same graphs when it comes from a bundle), makes the reconstruction as `generation`
     says (steps, guidance, blend with the low-level image, img2img start); its noise is seeded like the
-    prior's. `refinement`, off by default, runs MindEye2's img2img refinement stage over that.
+    prior's. `refinement`, off by default, runs MindEye2's img2img refinement stage over that. With
+    `readouts` (subject -> mindeye.models.readout.TokenReadout, one for every decodable subject), the image
+    tokens are the readout's map of the backbone tokens, in torch on the device whatever the graphs run on,
+    and the prior is not sampled.
 
-    The predicted image embedding whose norm `DecodedBatch.embedding_norm_b` reports is the prior's
-    sampled tokens, flattened; with `prior_steps=0` the prior is skipped and it is the retrieval head's
-    tokens. `image_size` (pixels) defaults to the codec's own and is required for one without (the pixel
-    codec). Use `load_backend` for a bundle, `TorchBackend` for a model in memory.
+    The predicted image embedding whose norm `DecodedBatch.embedding_norm_b` reports is those image tokens,
+    flattened; without them (`prior_steps=0`, no readouts) it is the retrieval head's tokens. `image_size`
+    (pixels) defaults to the codec's own and is required for one without (the pixel codec). Use `load_backend` for a bundle, `TorchBackend` for a model in memory.
     """
 
     def __init__(self, graphs: GraphSet, config: MindEyeConfig, calibration: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -138,7 +142,7 @@ class ModelBackend:
                  prior_steps: int = 20, prior_sampler: str = "ddim", prior_cond_scale: float = 1.0,
                  null_brain_ld: torch.Tensor | None = None, generator: MindEyeUnCLIPPipeline | None = None,
                  generation: GenerationSettings = GenerationSettings(), refinement: Refinement | None = None,
-                 seed: int = 0):
+                 readouts: dict[str, TokenReadout] | None = None, seed: int = 0):
         self.graphs, self.config, self.name = graphs, config, graphs.backend
         self.device = graphs.device
         self.bank, self.codec, self.top_k_count, self.prior_steps, self.seed = bank, codec, top_k, prior_steps, seed
@@ -159,11 +163,12 @@ class ModelBackend:
         if codec is not None and config.low_level.enabled:
             self._check_codec(codec)
         self.generator, self.generation, self.refinement = generator, generation, refinement
+        self._zscore = self._calibration_tensors(calibration)
+        self.readouts = None if readouts is None else self._checked_readouts(readouts)
         if refinement is not None and generator is None:
             raise ValueError("a refinement stage refines the generator's images: it needs a generator")
         if generator is not None:
             self._check_generator(generator, generation)
-        self._zscore = self._calibration_tensors(calibration)
 
     def subjects(self) -> list[str]:
         """Subjects the model has an aligner (heads graph) for and the calibration has statistics for."""
@@ -182,7 +187,9 @@ class ModelBackend:
         backbone_bld, retrieval_bld, *low_level = self.graphs(heads_graph(subject), voxels_bv)
         retrieval_bld = retrieval_bld.cpu().numpy()
         image_tokens_bld = None
-        if self.prior_steps > 0:
+        if self.readouts is not None:
+            image_tokens_bld = self.readouts[subject](backbone_bld).cpu().numpy()
+        elif self.prior_steps > 0:
             generator = torch.Generator(backbone_bld.device).manual_seed(noise_seed(self.seed, subject, betas_bv))
             sampled = sample_prior(lambda x, t, brain: self.graphs(PRIOR_DENOISER, x, t, brain)[0], backbone_bld,
                                    steps=self.prior_steps, sampler=self.prior_sampler,
@@ -224,14 +231,27 @@ class ModelBackend:
 
     def _check_generator(self, generator: MindEyeUnCLIPPipeline, generation: GenerationSettings) -> None:
         config = self.config
-        if self.prior_steps == 0:
-            raise ValueError("a generator needs the prior's image tokens: prior_steps must be >= 1")
+        if self.prior_steps == 0 and self.readouts is None:
+            raise ValueError("a generator needs image tokens: prior_steps >= 1, or readouts")
         if tuple(generator.token_shape) not in ((config.clip_tokens, config.clip_dim), (None, config.clip_dim)):
             raise ValueError(f"the generator takes CLIP tokens {generator.token_shape}, the model predicts "
                              f"{(config.clip_tokens, config.clip_dim)}: they come from different CLIP encoders")
         if self.image_size is None:
             raise ValueError("image_size is required with a generator (the size of the published images)")
         generation.check()
+
+    def _checked_readouts(self, readouts: dict[str, TokenReadout]) -> dict[str, TokenReadout]:
+        """`readouts` on the device, after checking they cover every decodable subject and the model's tokens."""
+        missing = [subject for subject in self.subjects() if subject not in readouts]
+        if missing:
+            raise ConfigValueError(f"no token readout for {missing} (readouts: {sorted(readouts)}); mindeye-train fits "
+                                   f"one for each subject with at most readout.max_trials training trials")
+        tokens = (self.config.clip_tokens, self.config.clip_dim)
+        for subject in self.subjects():
+            if readouts[subject].token_shape != tokens:
+                raise ValueError(f"{subject}'s readout predicts tokens {readouts[subject].token_shape}, the model's "
+                                 f"are {tokens}")
+        return {subject: readouts[subject].to(self.device) for subject in self.subjects()}
 
     def _codec_device(self) -> torch.device:
         """Where the codec computes: its VAE's device, the CPU for the pixel codec."""
@@ -315,12 +335,14 @@ class TorchBackend(ModelBackend):
 
 def load_backend(bundle_dir: str | Path, backend: str = "auto", *, device: str = "cpu", threads: int | None = None,
                  int8: bool = False, precision: str = "fp16", dtype: torch.dtype = torch.float32,
-                 with_generator: bool = True, **kwargs) -> ModelBackend:
+                 with_generator: bool = True, tokens: str = "prior", **kwargs) -> ModelBackend:
     """The decode backend for an export bundle (mindeye.bundle; docs/export.md) on `backend` ("auto": the
     fastest present here): its graphs, calibration and, with `with_generator`, its generator on the same
-    graphs. `dtype`: eager and compile's weights; `threads`, `int8`: ONNX Runtime's; `precision`: TensorRT's.
-    Refused: a calibration in other units than the live service's, a backend the export's parity check
-    failed. Other arguments: ModelBackend (bank, codec, image_size, prior steps, generation...)."""
+    graphs, drawing from the prior's tokens or (`tokens="readout"`) the checkpoint's token readouts. `dtype`:
+    eager and compile's weights; `threads`, `int8`: ONNX Runtime's; `precision`: TensorRT's. Refused: a
+    calibration in other units than the live service's, a backend the export's parity check failed. Other
+    arguments: ModelBackend (bank, codec, image_size, prior steps, generation...)."""
+    check_token_source(tokens, "tokens")
     bundle = read_manifest(bundle_dir)
     calibration = bundle.manifest["calibration"]
     _require_live_units(calibration["units"], calibration["estimator"], bundle.root / calibration["file"],
@@ -340,8 +362,15 @@ def load_backend(bundle_dir: str | Path, backend: str = "auto", *, device: str =
     config, _ = read_checkpoint_config(bundle.checkpoint_dir)
     with safe_open(bundle.checkpoint_dir / WEIGHTS_FILE, "pt") as weights:  # guidance's unconditional input
         null_brain_ld = weights.get_tensor(NULL_BRAIN_TOKENS)
+    readouts = None
+    if tokens == "readout":
+        readouts = load_readouts(bundle.checkpoint_dir)
+        if not readouts:
+            raise MissingFileError(bundle.checkpoint_dir / READOUT_FILE, "token readouts",
+                                   "the exported checkpoint has none: mindeye-train fits them when a run ends, then "
+                                   "mindeye-export it again; or draw from the prior (generate.tokens=prior)")
     return ModelBackend(graphs, config, load_calibration(bundle.checkpoint_dir), generator=generator,
-                        null_brain_ld=null_brain_ld, **kwargs)
+                        null_brain_ld=null_brain_ld, readouts=readouts, **kwargs)
 
 
 def _require_live_units(units: str, estimator: str, path: Path, fix: str) -> None:

@@ -28,6 +28,7 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     from mindeye.generator import GenerationSettings
     from mindeye.latents import build_latent_codec
     from mindeye.models.prior import check_sampler
+    from mindeye.models.readout import check_token_source
     from mindeye.nsd import NSDLayout, StimulusBrick
     from mindeye.protocol.transport import CurveServer
     from mindeye.targets import build_target_cache, target_clip_config
@@ -37,6 +38,7 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     from realtime.service import RealtimeService, ServiceSettings
 
     check_sampler(cfg.decode.prior_sampler, "decode.prior_sampler")  # clear errors before anything loads
+    check_token_source(cfg.generate.tokens, "generate.tokens")
     bundle = read_manifest(require_bundle(cfg.bundle))
     root = require_data_root(cfg.data.root)
     data_clip = clip_identity(target_clip_config(cfg.data))
@@ -66,8 +68,10 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
                            prior_sampler=cfg.decode.prior_sampler, prior_cond_scale=cfg.decode.prior_cond_scale,
                            generation=GenerationSettings(cfg.generate.steps, cfg.generate.guidance_scale,
                                                          cfg.generate.lowlevel_blend, cfg.generate.img2img_strength),
-                           refinement=load_refinement(cfg))
-    log.info("decode backend: %s on %s (bundle %s)", backend.name, cfg.decode.device, bundle.root)
+                           refinement=load_refinement(cfg),
+                           tokens=cfg.generate.tokens if cfg.generate.enabled else "prior")
+    log.info("decode backend: %s on %s (bundle %s), image tokens from the %s", backend.name, cfg.decode.device,
+             bundle.root, "readouts" if backend.readouts else "prior")
     viewer = None
     if cfg.viewer.enabled:
         from realtime.viewer import LiveViewer

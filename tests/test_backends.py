@@ -250,7 +250,7 @@ def test_every_decoded_trial_gets_a_reconstruction_blended_with_its_low_level_im
 
 def test_a_generator_needs_the_prior_and_the_models_token_shape(checkpoint, tiny_generator):
     path, _, _ = checkpoint
-    with pytest.raises(ValueError, match="prior_steps must be >= 1"):
+    with pytest.raises(ValueError, match="a generator needs image tokens: prior_steps >= 1, or readouts"):
         TorchBackend.from_checkpoint(path, bank=None, image_size=24, prior_steps=0, generator=tiny_generator())
     with pytest.raises(ValueError, match="different CLIP encoders"):
         TorchBackend.from_checkpoint(path, bank=None, image_size=24, prior_steps=2,

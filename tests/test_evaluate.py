@@ -17,10 +17,11 @@ from mindeye.config import load_config
 from mindeye.evaluation import WORLD_COLUMNS, two_way_identification, world_feature_extractors
 from mindeye.generator import GenerationSettings, build_pipeline, reconstruct
 from mindeye.models import build_model, save_checkpoint
+from mindeye.models.readout import fit_token_readout, save_readouts
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 from mindeye.targets import build_target_cache, target_clip_config
 from offline_training.data import load_subject
-from offline_training.evaluate import predict_test_set
+from offline_training.evaluate import Generation, predict_test_set
 
 TINY_WORLD_GRID = {"clip_tokens": 16, "clip_dim": 64, "low_level": {"latent_channels": 3, "latent_size": 16}}
 
@@ -107,6 +108,30 @@ def test_command_with_a_generator_adds_generated_blend_refined_and_true_token_ro
     assert "| true tokens (generated) |" in md and "World CLIP ↑ | Rand. AlexNet ↑ |" in md
     with Image.open(out / "grid.png") as grid:  # seen, blurry, generated, blend, refined, true tokens; 5 images a row
         assert grid.size == (160 + 5 * (128 + 4) + 4, 6 * (128 + 4) + 4)
+
+
+def test_generation_draws_from_the_checkpoint_s_readout_and_says_in_one_line_when_it_has_none(
+        tiny_world, tmp_path, small_generator_cfg):
+    root, _, _ = tiny_world
+    pipe = save_generator(tmp_path / "generator", small_generator_cfg,
+                          clip_identity(target_clip_config(world_data_cfg(root))))
+    model = build_model("tiny", voxels_per_subject={"subj08": 360}, **TINY_WORLD_GRID).eval()
+    save_checkpoint(model, tmp_path / "a")
+    rng = np.random.default_rng(0)
+    readout, _ = fit_token_readout(torch.from_numpy(rng.normal(size=(20, 16, 64))),
+                                   torch.from_numpy(rng.normal(size=(20, 16, 64))))
+    save_readouts(tmp_path / "a", {"subj08": readout})
+    backbone = rng.normal(size=(4, 16, 64)).astype(np.float32)
+    generation = Generation(pipe, GenerationSettings(2, 2.0, 0.25), tokens="readout")
+    with torch.no_grad():
+        want = readout(torch.from_numpy(backbone)).numpy()
+    np.testing.assert_array_equal(generation.image_tokens(model, tmp_path / "a", "subj08", backbone), want)
+    save_checkpoint(model, tmp_path / "b")
+    done = run_evaluate(root, tmp_path / "b", tmp_path / "generator", tmp_path / "eval",
+                        **{"generator.tokens": "readout"})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("mindeye-evaluate: missing token readouts") and "mindeye-train fits one" in message
 
 
 def test_a_generator_trained_on_another_encoder_is_refused_with_one_message(tiny_world, tmp_path,

@@ -16,8 +16,12 @@ from safetensors.numpy import load_file
 
 from mindeye.config import CONFIG_DIR, load_config
 from mindeye.errors import ConfigValueError
+from mindeye.evaluation import two_way_identification
 from mindeye.models import build_model, calibration_units, load_checkpoint
+from mindeye.models.readout import READOUT_FILE, load_readouts
+from mindeye.targets import build_target_cache
 from offline_training.data import hold_out_fold, load_subject
+from offline_training.evaluate import predict_test_set
 from offline_training.trainer import BatchPlan, init_from_pretrained, make_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +88,14 @@ def test_checkpoint_holds_the_model_the_run_config_and_the_calibration_statistic
     # the world's nifti betas: its offline GLM's percent signal change, recorded for the live backend's check
     assert calibration_units(out_dir / "checkpoint") == ("percent_signal_change", "offline_glm")
     assert model.config.voxels_per_subject["subj02"] == subj02.n_voxels
+    readouts = load_readouts(out_dir / "checkpoint")
+    assert sorted(readouts) == ["subj01", "subj02"] and readouts["subj02"].n_trials == len(subj02.train_voxels)
+    test = predict_test_set(model.eval(), subj02)  # the readout generalises to the test images' backbone tokens
+    with torch.no_grad():
+        tokens = readouts["subj02"](torch.from_numpy(test.backbone_tokens)).numpy()
+    true = build_target_cache(data_cfg).get(test.image_ids)[0]
+    two_way = two_way_identification(tokens.reshape(len(true), -1), true.reshape(len(true), -1))
+    assert two_way > 0.8
     with torch.no_grad():
         out = model(torch.from_numpy(subj02.test_voxels[:3]), "subj02")
     assert out.low_level_latent.shape == (3, 3, 16, 16)
@@ -116,7 +128,7 @@ def test_one_session_finetune_of_a_held_out_subject_starts_where_scratch_cannot(
     one_session = ["subjects=[8]", "train_sessions=[1]", "train.epochs=4"]
     finetune = run(root, tmp_path / "finetune", "mode=finetune", *one_session, f"init_from={pretrain_dir}",
                    "train.eval.sample_every=2", "train.eval.sample_steps=5")
-    scratch = run(root, tmp_path / "scratch", "mode=scratch", *one_session)
+    scratch = run(root, tmp_path / "scratch", "mode=scratch", *one_session, "readout.max_trials=10")
     assert load_checkpoint(finetune / "checkpoint").config.subjects == ["subj08"]
     assert list(load_file(finetune / "checkpoint" / "calibration.safetensors")) == ["subj08.mean", "subj08.std"]
     tuned, fresh = read_log(finetune), read_log(scratch)
@@ -126,6 +138,10 @@ def test_one_session_finetune_of_a_held_out_subject_starts_where_scratch_cannot(
     assert all(t["test/prior_loss"] < 0.7 * f["test/prior_loss"] for t, f in zip(tuned, fresh))
     assert [("test/sampled_image_top1" in r) for r in tuned] == [False, True, False, True]
     assert 0 <= tuned[-1]["test/sampled_image_top1"] <= 1
+    # the token readout, fitted on the session's trials when the run ended; none above readout.max_trials
+    readout = load_readouts(finetune / "checkpoint")["subj08"]
+    assert readout.n_trials == n_session_trials and readout.token_shape == (16, 64)
+    assert not (scratch / "checkpoint" / READOUT_FILE).exists()
 
 
 def test_an_adapter_finetune_trains_the_aligner_and_low_rank_backbone_updates_only(pretrained, tmp_path):

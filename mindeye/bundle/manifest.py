@@ -140,8 +140,9 @@ def read_manifest(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
 
 
 def _hashed_files(manifest: dict[str, Any]) -> list[dict[str, str]]:
-    """Every {file, sha256} record of the manifest: checkpoint weights, calibration, graphs and their data."""
-    records = [manifest["checkpoint"]["weights"], manifest["calibration"]]
+    """Every {file, sha256} record of the manifest: checkpoint weights, calibration, readouts, graphs and their
+    data."""
+    records = [manifest["checkpoint"]["weights"], manifest["calibration"], *filter(None, [manifest.get("readouts")])]
     for graph in manifest.get("graphs", {}).values():
         records.append(graph)
         records.extend(graph.get("external_data", []))
