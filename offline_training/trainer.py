@@ -13,8 +13,8 @@ rounding; only dropout draws from each process's own generator.
 
 out_dir receives: checkpoint/ (mindeye.models.load_checkpoint reads it; calibration.safetensors beside the
 weights holds each subject's z-score statistics as `subjXX.mean` / `subjXX.std`, readout.safetensors the token
-readouts fitted when the run ends, mindeye.models.readout), train_state/ (optimizer,
-scheduler, RNG and progress, for resume=true), run_config.yaml, log.jsonl (one line per epoch), training.png.
+readouts fitted when the run ends, mindeye.models.readout), train_state/ (optimizer, scheduler, RNG and progress,
+for resume=true), run_config.yaml, log.jsonl (one line per epoch), training.png.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np

@@ -134,7 +134,8 @@ class ModelBackend:
 
     The predicted image embedding whose norm `DecodedBatch.embedding_norm_b` reports is those image tokens,
     flattened; without them (`prior_steps=0`, no readouts) it is the retrieval head's tokens. `image_size`
-    (pixels) defaults to the codec's own and is required for one without (the pixel codec). Use `load_backend` for a bundle, `TorchBackend` for a model in memory.
+    (pixels) defaults to the codec's own and is required for one without (the pixel codec). Use
+    `load_backend` for a bundle, `TorchBackend` for a model in memory.
     """
 
     def __init__(self, graphs: GraphSet, config: MindEyeConfig, calibration: dict[str, tuple[np.ndarray, np.ndarray]],
