@@ -36,7 +36,7 @@ from mindeye.models import (MindEye2, MindEyeConfig, calibration_units, load_cal
                             read_checkpoint_config)
 from mindeye.models.checkpoint import CALIBRATION_FILE, NULL_BRAIN_TOKENS, WEIGHTS_FILE
 from mindeye.models.prior import check_sampler
-from mindeye.models.readout import READOUT_FILE, TokenReadout, check_token_source, load_readouts
+from mindeye.models.readout import READOUT_FILE, TOKEN_SOURCES, TokenReadout, check_token_source, load_readouts
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 
 
@@ -66,6 +66,7 @@ class DecodeBackend(Protocol):
 
 
 CANDIDATE_CHOICES = ("shared", "subjects", "all")
+LIVE_TOKEN_SOURCES = ("auto", *TOKEN_SOURCES)  # auto: the readouts when the bundle has one for each subject
 LIVE_UNITS = "percent_signal_change"  # realtime.glm's betas: percent of the local signal level
 
 
@@ -339,11 +340,12 @@ def load_backend(bundle_dir: str | Path, backend: str = "auto", *, device: str =
                  with_generator: bool = True, tokens: str = "prior", **kwargs) -> ModelBackend:
     """The decode backend for an export bundle (mindeye.bundle; docs/export.md) on `backend` ("auto": the
     fastest present here): its graphs, calibration and, with `with_generator`, its generator on the same
-    graphs, drawing from the prior's tokens or (`tokens="readout"`) the checkpoint's token readouts. `dtype`:
+    graphs, drawing from the prior's tokens or (`tokens="readout"`) the checkpoint's token readouts; "auto":
+    the readouts when there is one for each of the bundle's subjects, else the prior. `dtype`:
     eager and compile's weights; `threads`, `int8`: ONNX Runtime's; `precision`: TensorRT's. Refused: a
     calibration in other units than the live service's, a backend the export's parity check failed. Other
     arguments: ModelBackend (bank, codec, image_size, prior steps, generation...)."""
-    check_token_source(tokens, "tokens")
+    check_token_source(tokens, "tokens", LIVE_TOKEN_SOURCES)
     bundle = read_manifest(bundle_dir)
     calibration = bundle.manifest["calibration"]
     _require_live_units(calibration["units"], calibration["estimator"], bundle.root / calibration["file"],
@@ -363,13 +365,13 @@ def load_backend(bundle_dir: str | Path, backend: str = "auto", *, device: str =
     config, _ = read_checkpoint_config(bundle.checkpoint_dir)
     with safe_open(bundle.checkpoint_dir / WEIGHTS_FILE, "pt") as weights:  # guidance's unconditional input
         null_brain_ld = weights.get_tensor(NULL_BRAIN_TOKENS)
-    readouts = None
-    if tokens == "readout":
-        readouts = load_readouts(bundle.checkpoint_dir)
-        if not readouts:
-            raise MissingFileError(bundle.checkpoint_dir / READOUT_FILE, "token readouts",
-                                   "the exported checkpoint has none: mindeye-train fits them when a run ends, then "
-                                   "mindeye-export it again; or draw from the prior (generate.tokens=prior)")
+    readouts = None if tokens == "prior" else load_readouts(bundle.checkpoint_dir)
+    if tokens == "auto" and not set(bundle.subjects) <= set(readouts):
+        readouts = None
+    elif tokens == "readout" and not readouts:
+        raise MissingFileError(bundle.checkpoint_dir / READOUT_FILE, "token readouts",
+                               "the exported checkpoint has none: mindeye-train fits them when a run ends, then "
+                               "mindeye-export it again; or draw from the prior (generate.tokens=prior)")
     return ModelBackend(graphs, config, load_calibration(bundle.checkpoint_dir), generator=generator,
                         null_brain_ld=null_brain_ld, readouts=readouts, **kwargs)
 

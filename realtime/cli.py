@@ -33,12 +33,12 @@ def build_service(cfg: DictConfig, *, context=None) -> RealtimeService:
     from mindeye.protocol.transport import CurveServer
     from mindeye.targets import build_target_cache, target_clip_config
     from mindeye.bank import BankSettings, TargetBlocks, build_bank, load_bank
-    from realtime.backends import candidate_image_ids, load_backend
+    from realtime.backends import LIVE_TOKEN_SOURCES, candidate_image_ids, load_backend
     from realtime.pipeline import SubjectRois
     from realtime.service import RealtimeService, ServiceSettings
 
     check_sampler(cfg.decode.prior_sampler, "decode.prior_sampler")  # clear errors before anything loads
-    check_token_source(cfg.generate.tokens, "generate.tokens")
+    check_token_source(cfg.generate.tokens, "generate.tokens", LIVE_TOKEN_SOURCES)
     bundle = read_manifest(require_bundle(cfg.bundle))
     root = require_data_root(cfg.data.root)
     data_clip = clip_identity(target_clip_config(cfg.data))

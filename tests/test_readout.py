@@ -133,7 +133,7 @@ def test_the_backend_draws_the_generator_s_tokens_from_the_readout_instead_of_th
 
 
 def test_a_bundle_carries_the_readouts_and_its_backends_decode_with_them(checkpoint_with_readouts, tmp_path):
-    path, generator, _, _, _ = checkpoint_with_readouts
+    path, generator, _, _, readouts = checkpoint_with_readouts
     bundle = export_bundle(path, tmp_path / "bundle", clip_id=CLIP_ID, generator=generator, backend="eager")
     record = bundle.manifest["readouts"]
     assert record["file"] == f"checkpoint/{READOUT_FILE}" and record["trials"] == {"subj01": 30, "subj02": 30}
@@ -144,10 +144,20 @@ def test_a_bundle_carries_the_readouts_and_its_backends_decode_with_them(checkpo
                                         **kwargs).decode("subj01", x)
     np.testing.assert_array_equal(got.image_tokens_bld, want.image_tokens_bld)
     np.testing.assert_array_equal(got.reconstruction_bhw3, want.reconstruction_bhw3)
-    with pytest.raises(ConfigValueError, match="tokens must be one of prior, readout"):
+    auto = load_backend(bundle.root, "eager", tokens="auto", **kwargs).decode("subj01", x)  # the service's default
+    np.testing.assert_array_equal(auto.image_tokens_bld, want.image_tokens_bld)
+    with pytest.raises(ConfigValueError, match="tokens must be one of auto, prior, readout"):
         load_backend(bundle.root, "eager", tokens="retrieval", **kwargs)
     (path / READOUT_FILE).unlink()
     bare = export_bundle(path, tmp_path / "bare", clip_id=CLIP_ID, backend="eager")
     assert bare.manifest["readouts"] is None
     with pytest.raises(MissingFileError, match="the exported checkpoint has none"):
         load_backend(bare.root, "eager", tokens="readout", **kwargs)
+    save_readouts(path, {"subj01": readouts["subj01"]})  # not one for each subject: auto draws from the prior
+    partial = export_bundle(path, tmp_path / "partial", clip_id=CLIP_ID, backend="eager")
+    for root in (bare.root, partial.root):
+        from_auto = load_backend(root, "eager", tokens="auto", **kwargs)
+        assert from_auto.readouts is None
+        np.testing.assert_array_equal(from_auto.decode("subj01", x).image_tokens_bld,
+                                      load_backend(root, "eager", tokens="prior", **kwargs).decode("subj01", x)
+                                      .image_tokens_bld)

@@ -138,9 +138,9 @@ def load_readouts(path_dir: str | Path, device: str | torch.device = "cpu") -> d
     return readouts
 
 
-def check_token_source(source: str, setting: str) -> None:
-    if source not in TOKEN_SOURCES:
-        raise ConfigValueError(f"{setting} must be one of {', '.join(TOKEN_SOURCES)}, got {source!r}")
+def check_token_source(source: str, setting: str, choices: Sequence[str] = TOKEN_SOURCES) -> None:
+    if source not in choices:
+        raise ConfigValueError(f"{setting} must be one of {', '.join(choices)}, got {source!r}")
 
 
 def require_readout(checkpoint_dir: str | Path, subject: str, device: str | torch.device = "cpu") -> TokenReadout:
