@@ -196,7 +196,7 @@ def main() -> None:
             rows[f"{name}, {label}"], rows[f"{name}, {label} + blend"] = scores["generated"], scores["blend"]
             subject_images.setdefault(name, {LOW_LEVEL: images["blurry"]}).update(
                 {label: images["generated"], f"{label} + blend": images["blend"]})
-            column = label.replace(", from", ",\nfrom")  # grid cells are 96 px wide
+            column = label.replace(", ", ",\n")  # grid cells are 96 px wide
             decoded[f"{name}\n{column}"], blend[f"{name} blend\n{column}"] = images["generated"], images["blend"]
     columns = {"seen": seen, **true, **decoded, **low, **blend}
     versus = {name: versus_low_level(images, seen, world) for name, images in subject_images.items()}
@@ -260,7 +260,7 @@ def write_outputs(args, command: str, rows: dict, columns: dict, versus: dict, i
     shown = range(min(args.grid_images, len(image_ids)))
     save_image_grid([np.stack([columns[label][i] for label in labels]) for i in shown],
                     [f"image {image_ids[i]}" for i in shown], args.out / "grid.png", cell_px=96, label_px=80,
-                    column_labels=labels, header_px=54)
+                    column_labels=labels, header_px=66)
     print(md.read_text())
     print(f"wrote {md}, {js} and {args.out / 'grid.png'}")
 
