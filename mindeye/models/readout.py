@@ -13,8 +13,8 @@ Z Z^T (the efficient LOO scikit-learn's RidgeCV uses; its estimator stores the p
 
 Each predicted token is then scaled to the mean norm of the training targets' tokens at its position. The
 generator was trained on the encoder's own tokens, whose norms its final LayerNorm fixes (the world's: all
-sqrt(D)); ridge shrinks its predictions toward the mean (on the small world, to 60 % of that norm at the
-alpha leave-one-out picks), and the generator draws blander pictures from tokens it never saw.
+sqrt(D)); ridge shrinks its predictions toward the mean, and the generator draws blander pictures from tokens
+of norms it never saw (docs/training.md).
 """
 from __future__ import annotations
 
