@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zmq
 
 from mindeye.config import load_config
@@ -372,10 +373,26 @@ def demo_command(root: Path, checkpoint: Path, tmp_path: Path, *overrides: str) 
             f"service.viewer_port={viewer}", f"hydra.run.dir={tmp_path / 'hydra'}", *overrides], viewer
 
 
+def add_token_readout(checkpoint: Path, n_trials: int = 30) -> None:
+    """A readout for the checkpoint's subject as mindeye-train saves one, fitted on random betas and tokens."""
+    from mindeye.models import load_checkpoint
+    from mindeye.models.readout import fit_token_readout, save_readouts
+
+    model = load_checkpoint(checkpoint).eval()
+    (subject, n_voxels), = model.config.voxels_per_subject.items()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        backbone = model(torch.randn(n_trials, n_voxels, generator=generator), subject).backbone_tokens
+    targets = torch.randn(n_trials, *backbone.shape[1:], generator=generator)
+    save_readouts(checkpoint, {subject: fit_token_readout(backbone, targets)[0]})
+
+
 def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_path):
-    """mindeye-demo with a model already trained (it reuses one): service, viewer, replay, report."""
+    """mindeye-demo with a model already trained (it reuses one): service, viewer, replay, report; its pictures
+    drawn from the model's token readout, as from a model mindeye-train fitted one for."""
     root = tiny_world[0]
     command, viewer = demo_command(root, checkpoint, tmp_path, "stay_up=false")
+    add_token_readout(tmp_path / "model" / "checkpoint")
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -392,6 +409,7 @@ def test_the_demo_runs_a_live_session_end_to_end(tiny_world, checkpoint, tmp_pat
     for stage in ("world", "training", "export", "live"):
         assert re.search(rf"^stage {stage}: \d+\.\d s", done.stdout, re.MULTILINE), done.stdout[-2000:]
     assert done.stdout.count(f"http://127.0.0.1:{viewer}/") >= 2  # announced, then up
+    assert "image tokens from the readouts" in (tmp_path / "live" / "service.log").read_text()
 
 
 def test_the_demo_keeps_its_viewer_up_until_ctrl_c(tiny_world, checkpoint, tmp_path):
