@@ -96,7 +96,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, clip_id: str, gene
                 "file": f"{CHECKPOINT_DIR}/{READOUT_FILE}", "sha256": sha256_file(out / CHECKPOINT_DIR / READOUT_FILE),
                 "alphas": {s: readout.alpha for s, readout in readouts.items()},
                 "trials": {s: readout.n_trials for s, readout in readouts.items()},
-                "applied": "image_tokens = readout(backbone tokens), with generate.tokens=readout (in torch)"},
+                "applied": "image_tokens = readout(backbone tokens) with generate.tokens=readout or auto, in torch"},
             "clip": {"identity": clip_id, "tokens": model.config.clip_tokens, "dim": model.config.clip_dim},
             "prior": {"timesteps": model.config.prior.timesteps, "prediction": "x_start",
                       "samplers": "runtime choice (mindeye.models.prior.PRIOR_SAMPLERS)"},
