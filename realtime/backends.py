@@ -36,7 +36,8 @@ from mindeye.models import (MindEye2, MindEyeConfig, calibration_units, load_cal
                             read_checkpoint_config)
 from mindeye.models.checkpoint import CALIBRATION_FILE, NULL_BRAIN_TOKENS, WEIGHTS_FILE
 from mindeye.models.prior import check_sampler
-from mindeye.models.readout import READOUT_FILE, TOKEN_SOURCES, TokenReadout, check_token_source, load_readouts
+from mindeye.models.readout import (READOUT_FILE, TOKEN_SOURCES, TokenReadout, check_token_source,
+                                    how_to_get_readouts, load_readouts)
 from mindeye.nsd import ExpDesign, NSDLayout, StimulusBrick
 
 
@@ -246,8 +247,8 @@ class ModelBackend:
         """`readouts` on the device, after checking they cover every decodable subject and the model's tokens."""
         missing = [subject for subject in self.subjects() if subject not in readouts]
         if missing:
-            raise ConfigValueError(f"no token readout for {missing} (readouts: {sorted(readouts)}); mindeye-train fits "
-                                   f"one for each subject with at most readout.max_trials training trials")
+            raise ConfigValueError(f"no token readout for {missing} (readouts: {sorted(readouts)}); "
+                                   f"{how_to_get_readouts('generate.tokens')}")
         tokens = (self.config.clip_tokens, self.config.clip_dim)
         for subject in self.subjects():
             if readouts[subject].token_shape != tokens:
@@ -370,8 +371,8 @@ def load_backend(bundle_dir: str | Path, backend: str = "auto", *, device: str =
         readouts = None
     elif tokens == "readout" and not readouts:
         raise MissingFileError(bundle.checkpoint_dir / READOUT_FILE, "token readouts",
-                               "the exported checkpoint has none: mindeye-train fits them when a run ends, then "
-                               "mindeye-export it again; or draw from the prior (generate.tokens=prior)")
+                               f"the exported checkpoint has none, export one that has: "
+                               f"{how_to_get_readouts('generate.tokens')}")
     return ModelBackend(graphs, config, load_calibration(bundle.checkpoint_dir), generator=generator,
                         null_brain_ld=null_brain_ld, readouts=readouts, **kwargs)
 

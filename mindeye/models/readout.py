@@ -143,13 +143,17 @@ def check_token_source(source: str, setting: str, choices: Sequence[str] = TOKEN
         raise ConfigValueError(f"{setting} must be one of {', '.join(choices)}, got {source!r}")
 
 
+def how_to_get_readouts(setting: str) -> str:
+    return (f"mindeye-train fits one when a run ends, for each subject with at most readout.max_trials training "
+            f"trials; or draw from the prior ({setting}=prior)")
+
+
 def require_readout(checkpoint_dir: str | Path, subject: str, device: str | torch.device = "cpu") -> TokenReadout:
     """`subject`'s readout in the checkpoint, or an error saying how to get one."""
     readouts = load_readouts(checkpoint_dir, device)
     if subject in readouts:
         return readouts[subject]
-    fix = ("mindeye-train fits one when a run ends, for each subject with at most readout.max_trials training "
-           "trials; or draw from the prior (tokens=prior)")
     if not readouts:
-        raise MissingFileError(Path(checkpoint_dir) / READOUT_FILE, "token readouts", fix)
-    raise ConfigValueError(f"{checkpoint_dir} has token readouts for {sorted(readouts)}, not {subject}: {fix}")
+        raise MissingFileError(Path(checkpoint_dir) / READOUT_FILE, "token readouts", how_to_get_readouts("tokens"))
+    raise ConfigValueError(f"{checkpoint_dir} has token readouts for {sorted(readouts)}, not {subject}: "
+                           f"{how_to_get_readouts('tokens')}")
