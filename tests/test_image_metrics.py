@@ -378,3 +378,16 @@ def test_save_image_grid_with_column_labels_has_a_header_strip(tmp_path):
     assert (pixels[:30, 50:] < 128).any()  # the labels are drawn in the header
     with pytest.raises(ValueError, match="column labels"):
         save_image_grid([images], ["a"], tmp_path / "x.png", column_labels=["one"])
+
+
+def test_save_image_grid_wraps_a_long_column_label_inside_its_column(tmp_path):
+    images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    long_label = "subj08 blend teacher (38 steps, readout tokens)"
+    save_image_grid([images], ["a"], tmp_path / "grid.png", cell_px=64, label_px=50,
+                    column_labels=[long_label, ""], header_px=60)
+    with Image.open(tmp_path / "grid.png") as png:
+        header = np.asarray(png.convert("L"))[:60]
+    first, second = 50 + 4, 50 + 4 + 64 + 4
+    assert (header[:, first:first + 64] < 128).any()
+    assert (header[:, second - 4:] > 200).all()  # none of it spills into the padding or the next column's header
+    assert (header[:, :first] > 200).all()

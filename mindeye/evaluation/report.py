@@ -194,8 +194,9 @@ def save_image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path:
     font = ImageFont.load_default(size=max(10, cell_px // 9))
     left = label_px + GRID_PAD_PX
     for c, label in enumerate(column_labels or []):
-        draw.multiline_text((left + c * (cell_px + GRID_PAD_PX) + cell_px // 2, header // 2), label, fill="black",
-                            font=font, anchor="mm", align="center")
+        draw.multiline_text((left + c * (cell_px + GRID_PAD_PX) + cell_px // 2, header // 2),
+                            wrap_to_width(label, draw, font, cell_px), fill="black", font=font, anchor="mm",
+                            align="center")
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         top = header + GRID_PAD_PX + r * (cell_px + GRID_PAD_PX)
         draw.multiline_text((GRID_PAD_PX, top + cell_px // 2), label, fill="black", font=font, anchor="lm")
@@ -205,6 +206,22 @@ def save_image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path:
             canvas.paste(cell, (left + c * (cell_px + GRID_PAD_PX), top))
     canvas.save(path, format="PNG")
     return width, height
+
+
+def wrap_to_width(label: str, draw: ImageDraw.ImageDraw, font, width_px: int) -> str:
+    """`label` with each of its lines broken between words where it would be wider than `width_px`."""
+    wrapped = []
+    for line in label.split("\n"):
+        words = line.split(" ")
+        current = words[0]
+        for word in words[1:]:
+            if draw.textlength(f"{current} {word}", font=font) <= width_px:
+                current = f"{current} {word}"
+            else:
+                wrapped.append(current)
+                current = word
+        wrapped.append(current)
+    return "\n".join(wrapped)
 
 
 def _as_uint8_nhwc(images_nhwc: np.ndarray, what: str) -> np.ndarray:
