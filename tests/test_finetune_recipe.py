@@ -1,6 +1,7 @@
 """benchmarks/finetune_recipe.py chooses a fine-tuning recipe without the test images: every fold's run
 trains without that fold's images and with the recipe's overrides, is scored on exactly those images
-(tokens and pictures), and is reused on the next call instead of trained again."""
+(tokens and pictures), and is reused on the next call instead of trained again; a run without token readouts
+gets the one its trainer would have fitted."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 from conftest import load_benchmark
 from mindeye.clip import clip_identity
 from mindeye.models import load_checkpoint
+from mindeye.models.readout import READOUT_FILE, load_readouts
 from mindeye.targets import target_clip_config
 from test_evaluate import save_generator, world_data_cfg
 
@@ -28,7 +30,7 @@ def test_each_fold_trains_without_its_images_is_scored_on_them_and_is_reused(tin
     monkeypatch.setattr(sys, "argv", [
         "finetune_recipe.py", "--pretrained", str(checkpoint), "--data-root", str(root), "--runs",
         str(tmp_path / "runs"), "--folds", "2", "--cond-scales", "1", "3", "--generator", str(tmp_path / "generator"),
-        "--recipe", "prior frozen=train.epochs=2 freeze=[prior]", "--blends", "0.5"])
+        "--recipe", "prior frozen=train.epochs=2 freeze=[prior]", "--blends", "0.5", "--pictures-from", "ridge", "readout"])
     recipe.main()
     out = capsys.readouterr().out
 
@@ -40,15 +42,22 @@ def test_each_fold_trains_without_its_images_is_scored_on_them_and_is_reused(tin
         assert list(config.train_sessions) == [1] and list(config.subjects) == [8]
         tuned = load_checkpoint(run / "checkpoint").state_dict()
         assert all(np.array_equal(tuned[k], pretrained[k]) for k in tuned if k.startswith("prior."))
-    for row in ("prior, guidance 1", "prior, guidance 3", "ridge from backbone"):
+    for row in ("prior, guidance 1", "prior, guidance 3", "ridge from backbone", "the run's readout"):
         line = next(line for line in out.splitlines() if line.startswith("prior frozen") and row in line)
         scores = re.search(r" (\d+\.\d)%\s+(-?\d\.\d{3})\s+(\d+)% (\d+)%$", line)  # 2-way, cosine, per fold
         assert scores and 0 <= float(scores[1]) <= 100 and -1 <= float(scores[2]) <= 1
         assert float(scores[1]) == pytest.approx((float(scores[3]) + float(scores[4])) / 2, abs=1)
-    for kind in ("generated", "blend", "ridge: generated", "ridge: blend", "blend 0.5", "ridge: blend 0.5"):
-        line = next(line for line in out.splitlines() if line.startswith(f"{'prior frozen':28s} {kind:16s} "))
+    for kind in ("generated", "blend", "ridge: generated", "ridge: blend", "readout: generated", "readout: blend",
+                 "blend 0.5", "ridge: blend 0.5", "readout: blend 0.5"):
+        line = next(line for line in out.splitlines() if line.startswith(f"{'prior frozen':28s} {kind:18s} "))
         assert line.count("vs") == 2 and line.count("[") == 2  # both networks against the low-level image
 
+    fold1 = tmp_path / "runs" / "prior_frozen-fold1of2" / "checkpoint"
+    trainers = load_readouts(fold1)["subj08"]
+    (fold1 / READOUT_FILE).unlink()  # as a run from before the trainer fitted readouts
     monkeypatch.setattr(recipe.subprocess, "run", lambda *a, **k: pytest.fail("a finished fold was trained again"))
     recipe.main()
     assert capsys.readouterr().out.splitlines()[3:] == out.splitlines()[3:]  # the same figures from the cached runs
+    refitted = load_readouts(fold1)["subj08"]
+    assert refitted.alpha == trainers.alpha and refitted.n_trials == trainers.n_trials
+    assert np.allclose(refitted.coef, trainers.coef, rtol=1e-4, atol=1e-6)
