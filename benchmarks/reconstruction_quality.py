@@ -25,8 +25,11 @@ code (evaluate_checkpoint, Generation); the models are trained once and cached i
 
 Writes <out>/table.md (the command line on top; target (b) below it: every brain-decoded row's 2-way minus
 its subject's low-level image's, with a bootstrap interval over the test images), table.json (every score,
-with the reasons for n/a), versus_low_level.json (those differences) and grid.png (one row per test image; columns: seen | from true tokens | from brain-decoded tokens | low-level |
-blend), and prints the table.
+with the reasons for n/a), versus_low_level.json (those differences), grid.png (one row per test image; columns:
+seen | from true tokens | from brain-decoded tokens | low-level | blend, every generator and token source) and
+grid_live.png (the same images in fewer columns: seen | from true tokens | per subject its low-level image, the
+generated picture and the blend, from the last generator given, drawn from noise, with the last --tokens: the
+demo's path when those are the student and the readout), and prints the table.
 """
 from __future__ import annotations
 
@@ -196,11 +199,14 @@ def main() -> None:
             rows[f"{name}, {label}"], rows[f"{name}, {label} + blend"] = scores["generated"], scores["blend"]
             subject_images.setdefault(name, {LOW_LEVEL: images["blurry"]}).update(
                 {label: images["generated"], f"{label} + blend": images["blend"]})
-            column = label.replace(", ", ",\n")  # grid cells are 96 px wide
-            decoded[f"{name}\n{column}"], blend[f"{name} blend\n{column}"] = images["generated"], images["blend"]
+            decoded[f"{name}\n{label}"], blend[f"{name} blend\n{label}"] = images["generated"], images["blend"]
     columns = {"seen": seen, **true, **decoded, **low, **blend}
+    live = ([label for label, generation in generations.items() if generation.settings.img2img_strength == 1]
+            or list(generations))[-1]
+    live_columns = ["seen", *list(true)[-1:], *itertools.chain.from_iterable(
+        (f"{name}\nlow-level", f"{name}\n{live}", f"{name} blend\n{live}") for name in subject_images)]
     versus = {name: versus_low_level(images, seen, world) for name, images in subject_images.items()}
-    write_outputs(args, command, rows, columns, versus, image_ids, checkpoints, folders, generations,
+    write_outputs(args, command, rows, columns, live_columns, versus, image_ids, checkpoints, folders, generations,
                   time.monotonic() - started_s)
 
 
@@ -230,8 +236,8 @@ def versus_lines(versus: dict[str, dict[str, dict[str, list[float]]]]) -> list[s
     return lines
 
 
-def write_outputs(args, command: str, rows: dict, columns: dict, versus: dict, image_ids: np.ndarray,
-                  checkpoints: dict, folders: dict, generations: dict, elapsed_s: float) -> None:
+def write_outputs(args, command: str, rows: dict, columns: dict, live_columns: list[str], versus: dict,
+                  image_ids: np.ndarray, checkpoints: dict, folders: dict, generations: dict, elapsed_s: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     md, js = args.out / "table.md", args.out / "table.json"
     write_table(rows, md, js, columns=COLUMNS)
@@ -256,13 +262,13 @@ def write_outputs(args, command: str, rows: dict, columns: dict, versus: dict, i
         f"{label}: {'met' if v >= TARGET_TWO_WAY else 'NOT met'} (lower {v:.1%})" for label, v in lowest.items()),
         *versus_lines(versus), f"Total {elapsed_s:.0f} s."]
     md.write_text("\n".join(header) + "\n" + md.read_text() + "\n".join(footer) + "\n")
-    labels = list(columns)
     shown = range(min(args.grid_images, len(image_ids)))
-    save_image_grid([np.stack([columns[label][i] for label in labels]) for i in shown],
-                    [f"image {image_ids[i]}" for i in shown], args.out / "grid.png", cell_px=96, label_px=80,
-                    column_labels=labels, header_px=66)
+    for name, labels, cell_px in (("grid.png", list(columns), 96), ("grid_live.png", live_columns, 128)):
+        save_image_grid([np.stack([columns[label][i] for label in labels]) for i in shown],
+                        [f"image {image_ids[i]}" for i in shown], args.out / name, cell_px=cell_px, label_px=80,
+                        column_labels=labels, header_px=80)
     print(md.read_text())
-    print(f"wrote {md}, {js} and {args.out / 'grid.png'}")
+    print(f"wrote {md}, {js}, {args.out / 'grid.png'} and {args.out / 'grid_live.png'}")
 
 
 if __name__ == "__main__":
