@@ -74,8 +74,10 @@ def run_readout(checkpoint: Path, model, data, targets) -> TokenReadout:
     """The run's token readout of `data.name`, fitted and saved now where the run predates them."""
     readouts = load_readouts(checkpoint)
     if data.name not in readouts:
-        readout_cfg = OmegaConf.load(checkpoint.parent / "run_config.yaml").get("readout") or load_config("train").readout
-        readouts |= fit_readouts(model, [data], TargetTable(targets.rows(np.unique(data.train_image_ids))), readout_cfg)
+        run_cfg = OmegaConf.load(checkpoint.parent / "run_config.yaml")
+        readout_cfg = run_cfg.get("readout") or load_config("train").readout
+        table = TargetTable(targets.rows(np.unique(data.train_image_ids)))
+        readouts |= fit_readouts(model, [data], table, readout_cfg)
         save_readouts(checkpoint, readouts)
     return readouts[data.name]
 

@@ -30,7 +30,8 @@ def test_each_fold_trains_without_its_images_is_scored_on_them_and_is_reused(tin
     monkeypatch.setattr(sys, "argv", [
         "finetune_recipe.py", "--pretrained", str(checkpoint), "--data-root", str(root), "--runs",
         str(tmp_path / "runs"), "--folds", "2", "--cond-scales", "1", "3", "--generator", str(tmp_path / "generator"),
-        "--recipe", "prior frozen=train.epochs=2 freeze=[prior]", "--blends", "0.5", "--pictures-from", "ridge", "readout"])
+        "--recipe", "prior frozen=train.epochs=2 freeze=[prior]", "--blends", "0.5",
+        "--pictures-from", "ridge", "readout"])
     recipe.main()
     out = capsys.readouterr().out
 
