@@ -195,7 +195,7 @@ def save_image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path:
     left = label_px + GRID_PAD_PX
     for c, label in enumerate(column_labels or []):
         draw.multiline_text((left + c * (cell_px + GRID_PAD_PX) + cell_px // 2, header // 2),
-                            wrap_to_width(label, draw, font, cell_px), fill="black", font=font, anchor="mm",
+                            _wrap_to_width(label, draw, font, cell_px), fill="black", font=font, anchor="mm",
                             align="center")
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         top = header + GRID_PAD_PX + r * (cell_px + GRID_PAD_PX)
@@ -208,7 +208,7 @@ def save_image_grid(rows: Sequence[np.ndarray], row_labels: Sequence[str], path:
     return width, height
 
 
-def wrap_to_width(label: str, draw: ImageDraw.ImageDraw, font, width_px: int) -> str:
+def _wrap_to_width(label: str, draw: ImageDraw.ImageDraw, font, width_px: int) -> str:
     """`label` with each of its lines broken between words where it would be wider than `width_px`."""
     wrapped = []
     for line in label.split("\n"):
